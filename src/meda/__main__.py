@@ -1,0 +1,3 @@
+from meda.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""meda.ctr: multi-epoch CTR training with embedding re-initialisation (MEDA)."""
