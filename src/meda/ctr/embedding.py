@@ -77,15 +77,12 @@ class FeatureEmbedding(nn.Module):
         self.dim = dim
         self.init = init or EmbeddingInit()
         self.vocab_sizes = {f.name: f.vocab_size for f in feature_map.fields if f.kind != "numeric"}
-        self.categorical = nn.ParameterDict(
-            {f.name: nn.Parameter(torch.empty(f.vocab_size, dim)) for f in feature_map.categorical}
-        )
-        self.numeric = nn.ParameterDict(
-            {f.name: nn.Parameter(torch.empty(dim)) for f in feature_map.numeric}
-        )
-        self.sequence = nn.ParameterDict(
-            {f.name: nn.Parameter(torch.empty(f.vocab_size, dim)) for f in feature_map.sequence}
-        )
+        # ParameterDict sorts its keys: the field order of the output is kept here
+        self.field_order = {kind: [f.name for f in feature_map.fields if f.kind == kind]
+                            for kind in ("categorical", "numeric", "sequence")}  # fmt: skip
+        self.categorical = _tables({f.name: (f.vocab_size, dim) for f in feature_map.categorical})
+        self.numeric = _tables({f.name: (dim,) for f in feature_map.numeric})
+        self.sequence = _tables({f.name: (f.vocab_size, dim) for f in feature_map.sequence})
         self.num_fields = len(self.categorical) + len(self.numeric) + len(self.sequence)
         for p in self.parameters():
             self.init.fill_(p, generator)
@@ -103,14 +100,16 @@ class FeatureEmbedding(nn.Module):
         parts: list[torch.Tensor] = []
         if self.categorical:
             ids = batch["categorical"]
-            parts += [F.embedding(ids[:, i], table) for i, table in enumerate(self.categorical.values())]
+            names = self.field_order["categorical"]
+            parts += [F.embedding(ids[:, i], self.categorical[n]) for i, n in enumerate(names)]
         if self.numeric:
             values = batch["numeric"]
-            parts += [values[:, i : i + 1] * vec for i, vec in enumerate(self.numeric.values())]
+            names = self.field_order["numeric"]
+            parts += [values[:, i : i + 1] * self.numeric[n] for i, n in enumerate(names)]
         if self.sequence:
             seq = batch["sequence"]
-            for i, table in enumerate(self.sequence.values()):
-                ids = seq[:, i, :]
+            for i, name in enumerate(self.field_order["sequence"]):
+                table, ids = self.sequence[name], seq[:, i, :]
                 mask = (ids != PAD_INDEX).unsqueeze(-1).to(table.dtype)  # [B, L, 1]
                 summed = (F.embedding(ids, table) * mask).sum(dim=1)
                 parts.append(summed / mask.sum(dim=1).clamp(min=1.0))
@@ -142,3 +141,7 @@ class FeatureEmbedding(nn.Module):
         for p in redrawn:
             self.init.fill_(p, generator)
         return redrawn
+
+
+def _tables(shapes: dict[str, tuple[int, ...]]) -> nn.ParameterDict:
+    return nn.ParameterDict({name: nn.Parameter(torch.empty(shape)) for name, shape in shapes.items()})
