@@ -1,0 +1,67 @@
+"""Cross-modal attention entropy of one layer (MEDA, Wan et al. 2025), the signal behind layer budgets.
+
+For each query head, text queries attend over the vision keys only (``A_TV``) and vision queries over
+the text keys only (``A_VT``), causally and over valid keys. With ``H(row) = -sum_j A log A``:
+
+    E_TV = mean of H over text queries that see >= 1 vision key      (0 if there is none)
+    E_VT = mean of H over vision queries that see >= 1 text key      (0 if there is none)
+    E    = mean over query heads of (E_TV + E_VT)
+
+"Vision" is any boolean token group; "text" is its valid complement. Without images, pass the
+context-vs-question split (or any mask) as ``vision``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from meda.kv.scoring import causal_logit_chunks
+
+
+def cross_modal_entropy(
+    query: Tensor,
+    key: Tensor,
+    vision: Tensor,
+    valid: Tensor,
+    *,
+    scaling: float,
+    query_chunk: int = 512,
+    query_subset: Tensor | None = None,
+) -> Tensor:
+    """Cross-modal attention entropy per batch row.
+
+    Args:
+        query: ``[B, Hq, Nq, D]`` post-RoPE queries (the last ``Nq`` tokens); key: ``[B, Hkv, N, D]``.
+        vision: ``BoolTensor [B, N]``, True at vision (or "group A") tokens.
+        valid: ``BoolTensor [B, N]``, False at padding.
+        scaling: logit scale.
+        query_chunk: query rows per chunk (memory ``B x Hq x query_chunk x N`` floats).
+        query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate instead of all
+            (a sampled or observation subset); the means then run over the eligible rows of the subset.
+
+    Returns:
+        ``float32 [B]`` entropies (``E`` above).
+    """
+    if vision.dtype != torch.bool or vision.shape != valid.shape:
+        raise ValueError(
+            f"vision must be a bool tensor shaped like valid {tuple(valid.shape)}; got {vision.dtype} "
+            f"{tuple(vision.shape)}"
+        )
+    batch, q_heads = query.shape[0], query.shape[1]
+    sums = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)  # [text rows, vision rows]
+    counts = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)
+    chunks = causal_logit_chunks(
+        query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset
+    )
+    for positions, logits, visible in chunks:
+        query_vision = vision.gather(1, positions)  # [B, c]
+        other = visible & (vision[:, None, :] != query_vision[..., None])  # [B, c, N]
+        log_probs = torch.log_softmax(logits.masked_fill(~other[:, None, None], float("-inf")), dim=-1)
+        plogp = (log_probs.exp() * log_probs).masked_fill(~other[:, None, None], 0.0)
+        row_entropy = -plogp.sum(dim=-1).sum(dim=(1, 2))  # [B, c], summed over query heads
+        eligible = other.any(dim=-1)  # [B, c]; padded queries have no visible key
+        rows = torch.stack((~query_vision, query_vision), dim=-1) & eligible[..., None]  # [B, c, 2]
+        sums += (row_entropy[..., None] * rows).sum(dim=1)
+        counts += rows.sum(dim=1)
+    return (sums / counts.clamp_min(1.0)).sum(dim=1) / q_heads

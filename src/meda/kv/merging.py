@@ -1,0 +1,125 @@
+"""Merge evicted KV pairs into kept ones (MEDA / LOOK-M), per KV head.
+
+Every evicted token (valid, not kept by that head) is assigned to the kept slot of the same head whose
+key has the highest cosine similarity with its key (ties: lowest slot). For a kept pair ``(k, v)`` with
+merged group ``M`` (``n = |M|``):
+
+- ``average``:  ``k' = (k + sum_M k_m) / (1 + n)``                          (MEDA, LOOK-M averaged)
+- ``pivot``:    ``k' = (k + mean_M k_m) / 2``                               (LOOK-M pivotal)
+- ``weighted``: ``k' = (s k + sum_M s_m k_m) / (s + sum_M s_m)``, ``s`` the token scores; a group whose
+  weights sum to 0 falls back to ``average``
+
+and the same for ``v``. Slots with nothing merged are returned unchanged, so with no evicted token the
+result equals :func:`meda.kv.selection.gather_kv` exactly. Evicted tokens are processed in chunks of
+``chunk`` positions: memory ``O(B x Hkv x chunk x K)``, never an ``[evicted x kept]`` map at once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from meda.kv.selection import Selection, gather_kv
+
+MergeMode = Literal["average", "pivot", "weighted"]
+MERGE_MODES: tuple[str, ...] = ("average", "pivot", "weighted")
+
+
+def _group_sums(
+    keys: Tensor, values: Tensor, slot_keys: Tensor, slot_mask: Tensor, weights: Tensor, chunk: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Scatter-add weighted evicted pairs onto their most similar slot.
+
+    Args:
+        keys ``[B, H, N, Dk]``, values ``[B, H, N, Dv]``; slot_keys ``[B, H, K, Dk]``; slot_mask
+        ``[B, H, K]``; weights ``[B, H, N, M]`` (M weightings at once, 0 for tokens not merged).
+
+    Returns:
+        float32 ``(sum w k [B, H, K, M, Dk], sum w v [B, H, K, M, Dv], sum w [B, H, K, M])``.
+    """
+    batch, heads, n_tokens, _ = keys.shape
+    width, n_weights = slot_keys.shape[2], weights.shape[-1]
+    unit_slots = F.normalize(slot_keys.float(), dim=-1).transpose(-1, -2)  # [B, H, Dk, K]
+    shape = (batch, heads, width, n_weights)
+    sum_k = keys.new_zeros(*shape, keys.shape[-1], dtype=torch.float32)
+    sum_v = values.new_zeros(*shape, values.shape[-1], dtype=torch.float32)
+    sum_w = keys.new_zeros(*shape, dtype=torch.float32)
+    for start in range(0, n_tokens, chunk):
+        k = keys[:, :, start : start + chunk].float()
+        v = values[:, :, start : start + chunk].float()
+        w = weights[:, :, start : start + chunk]  # [B, H, c, M]
+        similarity = torch.matmul(F.normalize(k, dim=-1), unit_slots)  # [B, H, c, K]
+        target = similarity.masked_fill(~slot_mask[:, :, None], float("-inf")).argmax(dim=-1)
+        target = target[..., None].expand(-1, -1, -1, n_weights)  # [B, H, c, M]
+        sum_w.scatter_add_(2, target, w)
+        for total, x in ((sum_k, k), (sum_v, v)):
+            src = w[..., None] * x[:, :, :, None]  # [B, H, c, M, D]
+            total.scatter_add_(2, target[..., None].expand_as(src), src)
+    return sum_k, sum_v, sum_w
+
+
+def merge_evicted(
+    keys: Tensor,
+    values: Tensor,
+    selection: Selection,
+    valid: Tensor,
+    *,
+    mode: MergeMode = "average",
+    scores: Tensor | None = None,
+    chunk: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """Kept pairs with the evicted pairs of their head merged in (see the module docstring).
+
+    Args:
+        keys: ``[B, Hkv, N, Dk]``; values: ``[B, Hkv, N, Dv]``; valid: ``BoolTensor [B, N]``.
+        selection: the kept slots (:func:`meda.kv.selection.select_indices`).
+        mode: ``"average"``, ``"pivot"`` or ``"weighted"``.
+        scores: ``[B, Hkv, N]`` non-negative, finite at valid tokens; required for ``"weighted"``.
+        chunk: evicted-candidate positions per step.
+
+    Returns:
+        ``(k [B, Hkv, K, Dk], v [B, Hkv, K, Dv])`` in the input dtype, aligned with ``selection``.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
+    kept_k, kept_v = gather_kv(keys, values, selection)
+    batch, heads, n_tokens, _ = keys.shape
+    if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_tokens):
+        raise ValueError(
+            f"valid must be a bool tensor [{batch}, {n_tokens}]; got {valid.dtype} {tuple(valid.shape)}"
+        )
+    slot_mask = selection.mask
+    evicted = valid[:, None] & ~selection.token_mask(n_tokens) & slot_mask.any(dim=-1)[..., None]
+    weights = [evicted.float()]
+    if mode == "weighted":
+        if scores is None or tuple(scores.shape) != (batch, heads, n_tokens):
+            raise ValueError(f"mode='weighted' needs scores [{batch}, {heads}, {n_tokens}]")
+        scores = scores.float()
+        usable = torch.isfinite(scores) & (scores >= 0)
+        if (valid[:, None] & ~usable).any():
+            raise ValueError("weighted merge needs finite, non-negative scores at every valid token")
+        weights.append(torch.where(evicted, scores, 0.0))
+    sum_k, sum_v, sum_w = _group_sums(keys, values, kept_k, slot_mask, torch.stack(weights, -1), chunk)
+
+    count = sum_w[..., 0]  # [B, H, K] merged tokens per slot
+    merged = []
+    for kept, total in ((kept_k.float(), sum_k), (kept_v.float(), sum_v)):
+        average = (kept + total[..., 0, :]) / (1.0 + count[..., None])
+        if mode == "average":
+            merged.append(average)
+        elif mode == "pivot":
+            merged.append((kept + total[..., 0, :] / count.clamp_min(1.0)[..., None]) / 2.0)
+        else:
+            own = scores.gather(-1, selection.indices).masked_fill(~slot_mask, 0.0)  # [B, H, K]
+            weight = own + sum_w[..., 1]
+            weighted = (own[..., None] * kept + total[..., 1, :]) / weight.clamp_min(1e-30)[..., None]
+            merged.append(torch.where((weight > 0)[..., None], weighted, average))
+    changed = (slot_mask & (count > 0))[..., None]
+    k = torch.where(changed, merged[0].to(keys.dtype), kept_k)
+    v = torch.where(changed, merged[1].to(values.dtype), kept_v)
+    return k, v

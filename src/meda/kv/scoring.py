@@ -1,0 +1,177 @@
+"""Key importance scores for KV selection: cumulative attention (H2O / MEDA) and SnapKV's window score.
+
+Both scorers work per KV head: the attention of the ``G`` query heads that share a KV head (GQA) is
+summed onto it, keys are never expanded to query heads. Queries are processed in chunks, so memory
+is ``O(batch x query_heads x chunk x tokens)``; no ``tokens x tokens`` map is ever built.
+
+Shapes: ``query [B, Hq, Nq, D]`` (post-RoPE), ``key [B, Hkv, N, D]`` with ``Hq = Hkv * G`` and
+``Nq <= N``; query row ``r`` sits at key position ``N - Nq + r`` (the queries are the last ``Nq``
+tokens, as in a prefill with ``Nq == N`` or a chunk of one). ``valid [B, N]`` is False at padding.
+Query ``i`` sees key ``j`` when ``j <= i`` and ``j`` is valid; padded queries see nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_attention_inputs(query: Tensor, key: Tensor, valid: Tensor) -> None:
+    """Raise ``ValueError`` unless ``query [B,Hq,Nq,D]``, ``key [B,Hkv,N,D]``, ``valid [B,N]`` agree."""
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(
+            f"query and key must be 4-D [batch, heads, tokens, head_dim]; got {tuple(query.shape)} "
+            f"and {tuple(key.shape)}"
+        )
+    batch, q_heads, n_queries, dim = query.shape
+    kb, kv_heads, n_keys, kdim = key.shape
+    if kb != batch or kdim != dim:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} differ in batch or head_dim")
+    if q_heads % kv_heads:
+        raise ValueError(
+            f"query heads ({q_heads}) must be a multiple of KV heads ({kv_heads}); pass post-RoPE queries "
+            "of the same layer, not expanded keys"
+        )
+    if n_queries > n_keys:
+        raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}); queries must be the last tokens")
+    if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_keys):
+        raise ValueError(
+            f"valid must be a bool tensor [batch, tokens] = [{batch}, {n_keys}]; got {valid.dtype} "
+            f"{tuple(valid.shape)}"
+        )
+
+
+def causal_logit_chunks(
+    query: Tensor,
+    key: Tensor,
+    valid: Tensor,
+    *,
+    scaling: float,
+    query_chunk: int = 512,
+    query_rows: Tensor | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield causal attention logits chunk by chunk of query rows, in float32.
+
+    Args:
+        query: ``[B, Hq, Nq, D]``; key: ``[B, Hkv, N, D]``; valid: ``[B, N]`` (see module docstring).
+        scaling: logit scale (``1/sqrt(D)`` for most models).
+        query_chunk: query rows per chunk.
+        query_rows: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate (default all).
+
+    Yields:
+        ``(positions [B, c], logits [B, Hkv, G, c, N], visible [B, c, N])``: key positions of the
+        chunk's queries, their logits with ``-inf`` where a key is not visible, and the visibility mask
+        (False for every key of a padded query).
+    """
+    check_attention_inputs(query, key, valid)
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1; got {query_chunk}")
+    batch, q_heads, n_queries, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    group = q_heads // kv_heads
+    device = query.device
+    if query_rows is None:
+        query_rows = torch.arange(n_queries, device=device)
+    if query_rows.dim() not in (1, 2) or (query_rows.dim() == 2 and query_rows.shape[0] != batch):
+        raise ValueError(f"query rows must be [S] or [batch, S]; got {tuple(query_rows.shape)}")
+    query_rows = query_rows.to(device=device, dtype=torch.long).expand(batch, -1)
+    if query_rows.numel() and (query_rows.min() < 0 or query_rows.max() >= n_queries):
+        raise ValueError(f"query rows must lie in [0, {n_queries}); got values outside that range")
+    keys32 = key.float().unsqueeze(2)  # [B, Hkv, 1, N, D]
+    key_pos = torch.arange(n_keys, device=device)
+    grouped = query.view(batch, kv_heads, group, n_queries, dim)
+    for start in range(0, query_rows.shape[1], query_chunk):
+        rows = query_rows[:, start : start + query_chunk]  # [B, c]
+        index = rows[:, None, None, :, None].expand(-1, kv_heads, group, -1, dim)
+        q = grouped.gather(3, index).float()  # [B, Hkv, G, c, D]
+        positions = rows + (n_keys - n_queries)
+        query_valid = valid.gather(1, positions)  # [B, c]
+        visible = (key_pos <= positions[..., None]) & valid[:, None, :] & query_valid[..., None]
+        logits = torch.matmul(q, keys32.transpose(-1, -2)) * scaling  # [B, Hkv, G, c, N]
+        yield positions, logits.masked_fill(~visible[:, None, None], float("-inf")), visible
+
+
+def _masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
+    """Softmax over the last dim of ``-inf``-masked logits; rows with no visible key are all zero."""
+    return torch.softmax(logits, dim=-1).masked_fill(~visible[:, None, None], 0.0)
+
+
+def cumulative_attention_scores(
+    query: Tensor,
+    key: Tensor,
+    valid: Tensor,
+    *,
+    scaling: float,
+    query_chunk: int = 512,
+    average_over_queries: bool = False,
+) -> Tensor:
+    """H2O / MEDA score: attention each key receives, summed over all prompt queries and the group's heads.
+
+    ``score[b, h, j] = sum_{g in group(h)} sum_i a[b, g, i, j]`` with ``a`` the causal softmax attention
+    over valid keys; padded queries contribute nothing.
+
+    Args:
+        query: ``[B, Hq, Nq, D]`` post-RoPE; key: ``[B, Hkv, N, D]``; valid: ``[B, N]``.
+        scaling: logit scale.
+        query_chunk: query rows per chunk (memory ``B x Hq x query_chunk x N`` floats).
+        average_over_queries: divide each key's sum by the number of valid queries that see it (counters
+            the bias of causal sums towards early tokens). Default False: the paper's / H2O's plain sum.
+
+    Returns:
+        ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys.
+    """
+    batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
+    total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
+    seen_by = torch.zeros(batch, n_keys, device=key.device, dtype=torch.float32)
+    for _, logits, visible in causal_logit_chunks(
+        query, key, valid, scaling=scaling, query_chunk=query_chunk
+    ):
+        total += _masked_softmax(logits, visible).sum(dim=(2, 3))
+        seen_by += visible.sum(dim=1)
+    if average_over_queries:
+        total = total / seen_by.clamp_min(1.0)[:, None]
+    return total.masked_fill(~valid[:, None], float("-inf"))
+
+
+def window_attention_scores(
+    query: Tensor,
+    key: Tensor,
+    valid: Tensor,
+    *,
+    scaling: float,
+    window: int = 32,
+    pool_kernel: int = 7,
+) -> Tensor:
+    """SnapKV score: attention from the last ``window`` queries, summed over them and the group's heads,
+    then max-pooled along keys (odd ``pool_kernel``, same padding; 1 disables pooling).
+
+    Tokens inside the observation window get their own finite score, NOT ``+inf``: the caller keeps the
+    window by passing ``recent_window=window`` to :func:`meda.kv.selection.select_indices` (finite
+    scores keep score-weighted merging well defined).
+
+    Args:
+        query: ``[B, Hq, Nq, D]`` post-RoPE (only the last ``window`` rows are used); key ``[B, Hkv, N, D]``;
+            valid ``[B, N]``.
+
+    Returns:
+        ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd and >= 1 (same padding); got {pool_kernel}")
+    check_attention_inputs(query, key, valid)
+    batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
+    n_queries = query.shape[2]
+    rows = torch.arange(max(n_queries - window, 0), n_queries, device=query.device)
+    total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
+    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=window, query_rows=rows)
+    for _, logits, visible in chunks:
+        total += _masked_softmax(logits, visible).sum(dim=(2, 3))
+    if pool_kernel > 1:
+        pooled = F.max_pool1d(total.view(-1, 1, n_keys), pool_kernel, stride=1, padding=pool_kernel // 2)
+        total = pooled.view(batch, kv_heads, n_keys)
+    return total.masked_fill(~valid[:, None], float("-inf"))
