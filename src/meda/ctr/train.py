@@ -1,0 +1,402 @@
+"""The one CTR training loop: runs any mode's plan, evaluates, checkpoints and resumes.
+
+A run is a list of passes (:mod:`meda.ctr.modes`). Before a pass the loop activates
+the pass's embedding group, evaluates progressively (meda-continual) and re-initialises
+the embeddings (meda); after the last pass of an epoch it evaluates on the validation and
+test splits, applies early stopping and writes a checkpoint. With ``checkpoint_every``
+it also checkpoints every N steps, with the model, optimiser, RNG state and position in
+the data, so that a killed run resumed with ``resume=True`` ends with the same metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from meda.ctr.batches import iterate_batches, split_by_day
+from meda.ctr.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from meda.ctr.continual import SERVING, EmbeddingGroups, serve
+from meda.ctr.embedding import EmbeddingInit
+from meda.ctr.features import EncodedData, FeatureMap
+from meda.ctr.metrics import classification_metrics
+from meda.ctr.models import CTRModel, build_model, model_options
+from meda.ctr.modes import Mode, Pass
+from meda.ctr.optim import build_optimizer, reset_state
+from meda.report import write_json
+
+MONITORS = ("valid_auc", "valid_logloss", "valid_gauc")
+
+
+class DatasetLike(Protocol):
+    """What training reads from :func:`meda.ctr.data.load_dataset`'s result."""
+
+    feature_map: FeatureMap
+    train: EncodedData
+    valid: EncodedData
+    test: EncodedData
+    report: dict[str, Any]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (written to ``metrics.json`` as ``config``).
+
+    The defaults follow DESIGN.md's reproduction of one-epoch overfitting: Adam at 1e-3,
+    batch 2048, embeddings N(0, 1e-4^2), dim 16, MLP 256-128.
+    """
+
+    model: str = "dnn"
+    mode: str = "multi-epoch"
+    epochs: int = 4
+    batch_size: int = 2048
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    embedding_l2: float = 0.0
+    net_l2: float = 0.0
+    embedding_dim: int = 16
+    hidden_units: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    init: str = "normal"
+    init_std: float = 1e-4
+    meda_min_cardinality: int = 0
+    meda_reset_optimizer: bool = True
+    serving: str = "last"
+    chunks: int = 4
+    monitor: str = "valid_auc"
+    patience: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 0
+    eval_batch_size: int = 16384
+    model_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        Mode(self.mode)  # validates the name
+        build_model_options(self)  # validates the model name and options
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.serving not in SERVING:
+            raise ValueError(f"unknown serving policy {self.serving!r}; choose one of {', '.join(SERVING)}")
+        if self.monitor not in MONITORS:
+            raise ValueError(f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None to train every epoch), got {self.patience}")
+        if self.chunks < 1:
+            raise ValueError(f"chunks must be >= 1, got {self.chunks}")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0 = only at the end of each epoch)")
+        self.hidden_units = tuple(self.hidden_units)
+
+
+def build_model_options(config: TrainConfig) -> dict[str, Any]:
+    """The options :func:`build_model` gets: the shared ones the model has, then ``model_options``."""
+    accepted = model_options(config.model)
+    shared = {
+        "embedding_dim": config.embedding_dim,
+        "hidden_units": config.hidden_units,
+        "dropout": config.dropout,
+        "batch_norm": config.batch_norm,
+        "embedding_init": EmbeddingInit(config.init, config.init_std),  # type: ignore[arg-type]
+    }
+    return {**{k: v for k, v in shared.items() if k in accepted}, **config.model_options}
+
+
+@dataclass
+class Progress:
+    """Where a run is and what it has measured; saved in every checkpoint."""
+
+    pass_index: int = 0
+    step: int = 0  # batches done in the current pass
+    global_step: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    epoch_started: float = 0.0
+    record: dict[str, Any] = field(default_factory=dict)  # the current epoch's record so far
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_group: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Trains one model in one mode on a dataset.
+
+    Args:
+        dataset: feature map and the train/valid/test splits.
+        config: the run's settings.
+        out_dir: where ``metrics.json`` and ``checkpoint.pt`` go (None: nothing is written).
+        log: called with one line per epoch (None: silent).
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetLike,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        torch.set_flush_denormal(True)  # std-1e-4 embeddings are ~6x slower on CPU otherwise
+        self.dataset, self.config, self.log = dataset, config, log or (lambda _: None)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.mode = Mode(config.mode)
+        self.chunks = self._chunks() if self.mode.chunked else []
+        self.plan = self.mode.plan(config.epochs, len(self.chunks))
+        torch.manual_seed(config.seed)
+        self.model: CTRModel = build_model(config.model, dataset.feature_map, **build_model_options(config))
+        self.groups = EmbeddingGroups(self.model, self.mode.groups(config.epochs), config.seed)
+        self.optimizer = build_optimizer(
+            config.optimizer,
+            self.groups.parameters(),
+            self.model.network_parameters(),
+            config.lr,
+            config.embedding_l2,
+            config.net_l2,
+        )
+        self.progress = Progress()
+
+    # ----------------------------------------------------------------- running
+    def fit(self, resume: bool = False, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Run (or, with ``resume``, continue) the plan; returns the ``metrics.json`` payload.
+
+        ``on_step(global_step)`` is called after every optimiser step (and after any
+        checkpoint of that step); an exception it raises stops the run like a kill would.
+        """
+        if resume:
+            self._load()
+        p = self.progress
+        for pass_ in self.plan[p.pass_index :]:
+            if p.stopped_early:
+                break
+            self.groups.activate(pass_.group)
+            if p.step == 0:
+                self._start_pass(pass_)
+            self._train_pass(pass_, on_step)
+            p.pass_index, p.step = p.pass_index + 1, 0
+            if pass_.closes_epoch:
+                self._close_epoch(pass_)
+            self._save()
+        payload = self.payload()
+        if self.out_dir is not None:
+            write_json(self.out_dir / "metrics.json", payload)
+        return payload
+
+    def _start_pass(self, pass_: Pass) -> None:
+        p = self.progress
+        if pass_.opens_epoch:
+            p.record, p.loss_sum, p.loss_count, p.epoch_started = {"epoch": pass_.epoch}, 0.0, 0, time.time()
+            if pass_.chunk is not None:
+                chunk = self.chunks[pass_.chunk]
+                p.record.update(chunk=pass_.chunk, rows=len(chunk))
+                if pass_.chunk > 0:  # progressive validation: the next chunk, before training on it
+                    m = self._served_metrics(chunk)
+                    p.record.update(progressive_auc=m["auc"], progressive_logloss=m["logloss"])
+        if pass_.reinit:
+            self._reinitialise(pass_.epoch)
+
+    def _reinitialise(self, epoch: int) -> None:
+        """MEDA: redraw the active group's embedding tables with a fresh per-epoch seed."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * epoch)
+        redrawn = []
+        for layer in self.groups.layers(self.groups.active):
+            names = layer.table_names(self.config.meda_min_cardinality)
+            redrawn += layer.reinitialise(names, generator=gen)
+        if self.config.meda_reset_optimizer:
+            reset_state(self.optimizer, redrawn)
+
+    def _train_pass(self, pass_: Pass, on_step: Callable[[int], None] | None) -> None:
+        p, cfg = self.progress, self.config
+        data = self.dataset.train if pass_.chunk is None else self.chunks[pass_.chunk]
+        n_batches = math.ceil(len(data) / cfg.batch_size)
+        batches: Iterator[dict[str, torch.Tensor]] = iterate_batches(
+            data, cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + pass_.index
+        )
+        bar = tqdm(
+            islice(batches, p.step, None),
+            total=n_batches,
+            initial=p.step,
+            desc=f"{cfg.mode} epoch {pass_.epoch}" + (f" group {pass_.group}" * (len(self.groups) > 1)),
+            leave=False,
+            disable=not _show_progress(),
+        )
+        self.model.train()
+        for batch in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = F.binary_cross_entropy_with_logits(self.model(batch), batch["label"])
+            loss.backward()
+            self.optimizer.step()
+            p.step, p.global_step = p.step + 1, p.global_step + 1
+            p.loss_sum, p.loss_count = p.loss_sum + loss.item(), p.loss_count + 1
+            if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
+                self._save()
+            if on_step is not None:
+                on_step(p.global_step)
+
+    def _close_epoch(self, pass_: Pass) -> None:
+        p, cfg = self.progress, self.config
+        valid_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.valid))
+        test_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.test))
+        group_auc = [classification_metrics(self.dataset.valid.label, lg)["auc"] for lg in valid_groups]
+        p.best_group = int(np.nanargmax(group_auc)) if not all(map(math.isnan, group_auc)) else 0
+        record = p.record
+        for split, data, per_group in (("valid", self.dataset.valid, valid_groups),
+                                       ("test", self.dataset.test, test_groups)):  # fmt: skip
+            m = classification_metrics(data.label, serve(per_group, cfg.serving, p.best_group), data.group)
+            record.update({f"{split}_{k}": v for k, v in m.items()})
+        if len(self.groups) > 1:
+            record["group_valid_auc"] = group_auc
+            record["serving"] = {policy: self._serving_metrics(policy, valid_groups, test_groups)
+                                 for policy in SERVING}  # fmt: skip
+        record["train_loss"] = p.loss_sum / max(p.loss_count, 1)
+        record["seconds"] = round(time.time() - p.epoch_started, 2)
+        p.history.append(record)
+        p.record = {}
+        self.log(_epoch_line(cfg.mode, record))
+        self._early_stopping()
+
+    def _early_stopping(self) -> None:
+        p, cfg = self.progress, self.config
+        if cfg.patience is None or self.mode.chunked:
+            return
+        best = self._best()
+        p.bad_epochs = 0 if best is p.history[-1] else p.bad_epochs + 1
+        if p.bad_epochs >= cfg.patience:
+            p.stopped_early = True
+            self.log(f"{cfg.mode}: early stop, no {cfg.monitor} improvement for {cfg.patience} epoch(s)")
+
+    # -------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def predict(self, data: EncodedData) -> np.ndarray:
+        """Click logits ``[rows]`` of the model (active embedding group) on ``data``."""
+        was_training = self.model.training
+        self.model.eval()
+        out = [
+            self.model(b).double().numpy()
+            for b in iterate_batches(data, self.config.eval_batch_size, shuffle=False, seed=0)
+        ]
+        self.model.train(was_training)
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _served_metrics(self, data: EncodedData) -> dict[str, float]:
+        per_group = self.groups.logits_per_group(lambda: self.predict(data))
+        served = serve(per_group, self.config.serving, self.progress.best_group)
+        return classification_metrics(data.label, served)
+
+    def _serving_metrics(
+        self, policy: str, valid_groups: list[np.ndarray], test_groups: list[np.ndarray]
+    ) -> dict[str, float]:
+        """Validation AUC and test AUC/logloss when serving with ``policy`` (meda-continual)."""
+        best = self.progress.best_group
+        valid = classification_metrics(self.dataset.valid.label, serve(valid_groups, policy, best))
+        test = classification_metrics(self.dataset.test.label, serve(test_groups, policy, best))
+        return {"valid_auc": valid["auc"], "test_auc": test["auc"], "test_logloss": test["logloss"]}
+
+    def _best(self) -> dict[str, Any]:
+        key = self.config.monitor
+        sign = -1.0 if key.endswith("logloss") else 1.0
+        scored = [r for r in self.progress.history if not math.isnan(r.get(key, math.nan))]
+        return max(scored, key=lambda r: sign * r[key]) if scored else self.progress.history[-1]
+
+    def payload(self) -> dict[str, Any]:
+        """The ``metrics.json`` content: per-epoch records, the best epoch, config and data report."""
+        history = self.progress.history
+        return {
+            "epochs": history,
+            "best": dict(self._best()) if history else {},
+            "stopped_early": self.progress.stopped_early,
+            "config": asdict(self.config),
+            "data": self.dataset.report,
+        }
+
+    # ------------------------------------------------------------- checkpoints
+    def _chunks(self) -> list[EncodedData]:
+        train = self.dataset.train
+        return split_by_day(train) if train.day is not None else _split_in_order(train, self.config.chunks)
+
+    def _save(self) -> None:
+        if self.out_dir is None:
+            return
+        save_checkpoint(
+            self.out_dir / CHECKPOINT_NAME,
+            {
+                "config": asdict(self.config),
+                "train_rows": len(self.dataset.train),
+                "model": self.model.state_dict(),
+                "groups": self.groups.state_dict(),
+                "active_group": self.groups.active,
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "progress": asdict(self.progress),
+            },
+        )
+
+    def _load(self) -> None:
+        if self.out_dir is None:
+            raise ValueError("resume needs an output folder holding the checkpoint")
+        state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+        ignore = {"checkpoint_every"}
+        saved = {k: v for k, v in state["config"].items() if k not in ignore}
+        now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
+        diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
+        if diff or state["train_rows"] != len(self.dataset.train):
+            what = f"settings {diff}" if diff else "the training data"
+            raise ValueError(
+                f"cannot resume from {self.out_dir}: {what} differ from the checkpointed run; "
+                "use the same settings and data, or a new --out folder"
+            )
+        self.groups.load_state_dict(state["groups"])
+        self.groups.activate(state["active_group"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = Progress(**state["progress"])
+
+
+def train(
+    dataset: DatasetLike,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config.model`` in ``config.mode`` on ``dataset``; returns the ``metrics.json`` payload
+    (also written to ``out_dir/metrics.json`` when ``out_dir`` is given)."""
+    return Trainer(dataset, config, out_dir, log).fit(resume=resume, on_step=on_step)
+
+
+def _split_in_order(data: EncodedData, n: int) -> list[EncodedData]:
+    """``n`` consecutive chunks of rows (for continual training on data without days)."""
+    marks = np.linspace(0, len(data), n + 1).astype(np.int64)
+    day = np.repeat(np.arange(n), np.diff(marks))
+    return split_by_day(EncodedData(**{**vars(data), "day": day}))
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _epoch_line(mode: str, r: dict[str, Any]) -> str:
+    extra = f" progressive AUC {r['progressive_auc']:.4f}" if "progressive_auc" in r else ""
+    return (
+        f"{mode} epoch {r['epoch']}: valid AUC {r['valid_auc']:.4f} logloss {r['valid_logloss']:.4f}, "
+        f"test AUC {r['test_auc']:.4f} logloss {r['test_logloss']:.4f}{extra} ({r['seconds']:.1f}s)"
+    )
