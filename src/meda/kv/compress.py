@@ -1,0 +1,56 @@
+"""The public entry point: ``with compress(model, method=..., budget=...) as report:``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from meda.kv import attention
+from meda.kv.recipes import resolve_recipe
+from meda.kv.report import CompressionReport
+from meda.kv.session import CompressionSession
+
+
+@contextmanager
+def compress(
+    model: torch.nn.Module,
+    method: str = "meda",
+    budget: float | int = 0.2,
+    *,
+    groups: torch.Tensor | None = None,
+    question_tokens: int | None = None,
+    **options: object,
+) -> Iterator[CompressionReport]:
+    """Compress the KV cache of every prefill run on ``model`` inside the block.
+
+    Args:
+        model: a transformers causal LM or vision-language model loaded with
+            ``attn_implementation`` "sdpa" or "eager".
+        method: one of ``full, streamingllm, h2o, snapkv, pyramidkv, lookm, adakv, meda``.
+        budget: a float in (0, 1], the mean kept fraction of the prefill over layers,
+            or an int, the mean kept tokens per layer.
+        groups: optional bool ``[batch, tokens]`` marking the second token group of the
+            entropy (vision or context) when the model's ids cannot tell.
+        question_tokens: for text-only prompts, how many final tokens form the
+            "question" group (default: the recipe's window, 32).
+        **options: fields of :class:`meda.kv.recipes.Recipe` to override, e.g.
+            ``tau=0.5``, ``merge="pivot"``, ``scorer="window"``.
+
+    Yields:
+        A :class:`CompressionReport`, filled in after each compressed prefill.
+
+    Example:
+        >>> with compress(model, method="meda", budget=0.2) as report:
+        ...     out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        >>> report.kv_bytes_after / report.kv_bytes_before
+    """
+    recipe = resolve_recipe(method, **options)
+    attention.register()
+    session = CompressionSession(model, method, recipe, budget, groups=groups, question_tokens=question_tokens)
+    session.attach()
+    try:
+        yield session.report
+    finally:
+        session.detach()

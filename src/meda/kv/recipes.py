@@ -1,0 +1,116 @@
+"""Compression methods as recipes: one allocator x scorer x merger design.
+
+Every method name in :data:`METHODS` maps to a :class:`Recipe`; ``compress(model,
+method=..., **overrides)`` starts from that recipe and replaces the fields you pass.
+A method is therefore a row in a table, not a code path of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Allocator = Literal["uniform", "pyramid", "entropy"]
+Scorer = Literal["recency", "cumulative", "window"]
+Merge = Literal["none", "average", "pivot", "weighted"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one method compresses a prefilled cache.
+
+    Attributes:
+        allocator: per-layer budgets. ``uniform`` (same fraction in every layer),
+            ``pyramid`` (PyramidKV: linearly more in lower layers), ``entropy`` (MEDA:
+            softmax of cross-modal attention entropy).
+        scorer: per-key importance. ``recency`` (later is better; StreamingLLM),
+            ``cumulative`` (attention received from every prompt query; H2O, MEDA paper),
+            ``window`` (attention from the last ``window`` queries, max-pooled; SnapKV).
+        head_budgets: split each layer's budget unevenly over KV heads (AdaKV).
+        text_priority: prefer text tokens over vision tokens (MEDA, LOOK-M).
+        sink_tokens: first valid tokens always kept (attention sinks).
+        recent_window: last valid tokens always kept; clipped to the layer budget
+            (the report counts every clip).
+        merge: what happens to evicted pairs: dropped (``none``) or merged into the most
+            similar kept pair of the same head (``average``, ``pivot``, ``weighted``).
+        window: observation window (queries) of the ``window`` scorer; also the length
+            of the "question" group for text-only entropy.
+        pool_kernel: max-pool width of the ``window`` scorer.
+        tau: softmax temperature of the ``entropy`` allocator (1.0 = paper).
+        alpha_min: smallest per-layer kept fraction of the ``entropy``/``pyramid`` allocators.
+        head_floor: AdaKV's share of a layer budget spread evenly over heads.
+        entropy_queries: evaluate the entropy on at most this many evenly spaced queries
+            (None = all queries, chunked; the paper's definition).
+    """
+
+    allocator: Allocator = "uniform"
+    scorer: Scorer = "window"
+    head_budgets: bool = False
+    text_priority: bool = False
+    sink_tokens: int = 0
+    recent_window: int = 0
+    merge: Merge = "none"
+    window: int = 32
+    pool_kernel: int = 7
+    tau: float = 1.0
+    alpha_min: float = 0.01
+    head_floor: float = 0.2
+    entropy_queries: int | None = None
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.allocator == "entropy"
+
+
+METHODS: dict[str, Recipe | None] = {
+    "full": None,
+    "streamingllm": Recipe(scorer="recency", sink_tokens=4),
+    "h2o": Recipe(scorer="cumulative", recent_window=32),
+    "snapkv": Recipe(scorer="window", recent_window=32),
+    "pyramidkv": Recipe(allocator="pyramid", scorer="window", recent_window=32),
+    "lookm": Recipe(scorer="cumulative", text_priority=True, recent_window=32, merge="pivot"),
+    "adakv": Recipe(scorer="window", head_budgets=True, recent_window=32),
+    "meda": Recipe(allocator="entropy", scorer="cumulative", text_priority=True, recent_window=32, merge="average"),
+}
+
+
+def resolve_recipe(method: str, **overrides: object) -> Recipe | None:
+    """The recipe for ``method`` with ``overrides`` applied; None for ``full``.
+
+    Raises:
+        ValueError: unknown method or unknown/invalid override.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    base = METHODS[method]
+    if base is None:
+        if overrides:
+            raise ValueError(f"method 'full' takes no options; got {sorted(overrides)}")
+        return None
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(names)}")
+    recipe = dataclasses.replace(base, **overrides)
+    _validate(recipe)
+    return recipe
+
+
+def _validate(r: Recipe) -> None:
+    choices = {"allocator": Allocator, "scorer": Scorer, "merge": Merge}
+    for name, lit in choices.items():
+        allowed = lit.__args__
+        if getattr(r, name) not in allowed:
+            raise ValueError(f"{name}={getattr(r, name)!r} is not one of {allowed}")
+    for name in ("sink_tokens", "recent_window", "window", "pool_kernel"):
+        if int(getattr(r, name)) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(r, name)}")
+    if r.window < 1:
+        raise ValueError(f"window must be >= 1, got {r.window}")
+    if not r.tau > 0:
+        raise ValueError(f"tau must be > 0, got {r.tau}")
+    if not 0 < r.alpha_min <= 1:
+        raise ValueError(f"alpha_min must be in (0, 1], got {r.alpha_min}")
+    if not 0 <= r.head_floor <= 1:
+        raise ValueError(f"head_floor must be in [0, 1], got {r.head_floor}")

@@ -1,0 +1,83 @@
+"""One compressed generation, end to end: load, prompt, compress, generate, report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meda.kv.compress import compress
+from meda.kv.prompting import build_inputs
+from meda.report import bar_chart, console, human_bytes, print_table
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def generate_with(model, processor, inputs, method: str, budget, max_new_tokens: int, options=None) -> dict:
+    """Greedy generation under ``compress``; returns the answer, timing and the report dict."""
+    t0 = time.perf_counter()
+    with torch.inference_mode(), compress(model, method=method, budget=budget, **(options or {})) as report:
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    seconds = time.perf_counter() - t0
+    tokenizer = getattr(processor, "tokenizer", processor)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    return {
+        "answer": tokenizer.decode(new, skip_special_tokens=True).strip(),
+        "seconds": seconds,
+        "report": report.to_dict(),
+    }
+
+
+def run_once(
+    model_name: str,
+    prompt: str,
+    *,
+    method: str,
+    budget,
+    images: list[Path],
+    max_new_tokens: int,
+    options: dict[str, Any],
+    attn_implementation: str = "sdpa",
+    device: str = "auto",
+) -> dict[str, Any]:
+    from meda.kv.models import load_model
+
+    dev = pick_device(device)
+    model, processor = load_model(model_name, device=dev, attn_implementation=attn_implementation)
+    inputs = build_inputs(processor, prompt, images, device=dev)
+    result = generate_with(model, processor, inputs, method, budget, max_new_tokens, options)
+    return {"model": model_name, "method": method, "budget": budget, "device": dev, **result}
+
+
+def print_result(result: dict[str, Any]) -> None:
+    rep = result["report"]
+    console.print(f"[bold]{result['method']}[/bold] @ budget {result['budget']}: {result['answer']!r}")
+    layers = [f"L{i}" for i in range(len(rep["layer_tokens"]))]
+    bar_chart(
+        f"kept tokens per layer (prefill {rep['prefill_tokens']} tokens)", layers, [float(t) for t in rep["layer_tokens"]]
+    )
+    print_table(
+        "KV cache",
+        ["", "value"],
+        [
+            ["bytes before", human_bytes(rep["kv_bytes_before"])],
+            ["bytes after", human_bytes(rep["kv_bytes_after"])],
+            ["ratio", rep["bytes_ratio"]],
+            ["mean kept fraction", rep["kept_fraction"]],
+            ["evicted tokens", rep["evicted_tokens"]],
+            ["merged tokens", rep["merged_tokens"]],
+            ["seconds", result["seconds"]],
+        ],
+    )
+    for note in rep["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    for name, count in rep["clipped"].items():
+        console.print(f"[yellow]clipped:[/yellow] {name} in {count} layer(s)")

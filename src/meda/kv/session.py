@@ -1,0 +1,313 @@
+"""A compression session: watch one prefill, then compress its cache before decoding.
+
+Lifecycle per ``generate`` call (or any forward that starts from an empty cache):
+
+1. forward pre-hook on the model: remember ``input_ids`` / ``attention_mask`` /
+   ``mm_token_type_ids`` to derive token groups;
+2. each decoder attention call of the prefill (``on_attention``): score keys and, for
+   MEDA, measure the layer's cross-modal entropy from the post-RoPE queries and keys;
+3. forward hook: once every layer has been seen, allocate per-layer budgets, select,
+   merge, and replace each cache layer by a :class:`CompressedLayer`;
+4. decode steps: ``on_attention`` returns the compressed layer's own mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from meda.kv import allocation, entropy, merging, scoring, selection
+from meda.kv.attention import SESSION_ATTR, wrapped_name
+from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
+from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
+from meda.kv.recipes import Recipe
+from meda.kv.report import CompressionReport
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: attention module}`` of the text decoder (vision towers excluded)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    found: dict[int, torch.nn.Module] = {}
+    for module in decoder.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(module, "k_proj") and hasattr(module, "q_proj"):
+            found[idx] = module
+    if not found:
+        raise NotImplementedError(
+            f"found no decoder attention layers in {type(model).__name__}; meda.kv supports "
+            "transformers decoders whose attention modules have q_proj/k_proj and a layer_idx"
+        )
+    return dict(sorted(found.items()))
+
+
+def parse_budget(budget: float | int) -> float | int:
+    """Validate ``budget``: a float in (0, 1] (kept fraction) or an int >= 1 (kept tokens per layer)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"budget={budget} is not a kept fraction in (0, 1]; pass e.g. 0.2 for 20% of the prefill, "
+                "or an int for kept tokens per layer"
+            )
+    elif budget < 1:
+        raise ValueError(f"budget={budget} tokens per layer must be >= 1")
+    return budget
+
+
+class CompressionSession:
+    """Hooks one model for the duration of a ``compress(...)`` block."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        method: str,
+        recipe: Recipe | None,
+        budget: float | int,
+        *,
+        groups: torch.Tensor | None = None,
+        question_tokens: int | None = None,
+    ):
+        self.model = model
+        self.recipe = recipe
+        self.budget = parse_budget(budget)
+        self.caller_groups = groups
+        self.question_tokens = question_tokens or (recipe.window if recipe else 32)
+        self.report = CompressionReport(method=method, budget=budget)
+        self.modules = decoder_attention_modules(model)
+        self.vision_ids = vision_token_ids(model.config)
+        self._configs = _unique_configs(model, self.modules.values())
+        self._saved_impl: dict[int, str] = {}
+        self._handles: list = []
+        self._reset_forward()
+
+    # ---- attach / detach -------------------------------------------------------------
+    def attach(self) -> None:
+        for cfg in self._configs:
+            impl = cfg._attn_implementation
+            base = impl.removeprefix("meda_") if impl else impl
+            if base not in SUPPORTED_ATTENTION:
+                raise NotImplementedError(
+                    f"meda.kv runs with attn_implementation 'sdpa' or 'eager'; this model uses {impl!r}. "
+                    "Load it with attn_implementation='sdpa'."
+                )
+            self._saved_impl[id(cfg)] = impl
+            cfg._attn_implementation = wrapped_name(base)
+        for module in self.modules.values():
+            if getattr(module, SESSION_ATTR, None) is not None:
+                raise RuntimeError("this model is already inside a meda.kv.compress(...) block")
+            setattr(module, SESSION_ATTR, self)
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            self.model.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for module in self.modules.values():
+            if hasattr(module, SESSION_ATTR):
+                delattr(module, SESSION_ATTR)
+        for cfg in self._configs:
+            if id(cfg) in self._saved_impl:
+                cfg._attn_implementation = self._saved_impl[id(cfg)]
+
+    # ---- hooks -----------------------------------------------------------------------
+    def _reset_forward(self) -> None:
+        self._inputs: dict = {}
+        self._groups: TokenGroups | None = None
+        self._scores: dict[int, torch.Tensor] = {}
+        self._entropy: dict[int, torch.Tensor] = {}
+        self._prefill_seen = False
+
+    def _before_forward(self, module, args, kwargs):
+        self._reset_forward()
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._inputs = {
+            "input_ids": input_ids,
+            "attention_mask": kwargs.get("attention_mask"),
+            "mm_token_type_ids": kwargs.get("mm_token_type_ids"),
+        }
+
+    def _after_forward(self, module, args, kwargs, output):
+        if not self._prefill_seen:
+            return output
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is None:
+            self.report.notes.append("forward ran without a cache (use_cache=False): nothing to compress")
+            return output
+        missing = sorted(set(self.modules) - set(self._scores)) if self.recipe else []
+        if missing:
+            raise RuntimeError(f"prefill statistics missing for layers {missing}; was the forward interrupted?")
+        self._compress(cache)
+        self._reset_forward()
+        return output
+
+    def on_attention(self, module, query: torch.Tensor, key: torch.Tensor, mask, *, additive: bool):
+        """Called by the attention wrapper; returns the mask the stock attention should use.
+
+        query ``[batch, q_heads, q, head_dim]``, key ``[batch, kv_heads, stored, head_dim]``.
+        """
+        idx = module.layer_idx
+        q_len, k_len = query.shape[-2], key.shape[-2]
+        layer = self._cache_layers.get(idx) if hasattr(self, "_cache_layers") else None
+        if layer is not None and layer.keys is key:
+            n_rep = query.shape[1] // key.shape[1]
+            return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)
+        if q_len == k_len and q_len > 1:  # a prefill from an empty cache
+            self._prefill_seen = True
+            if self.recipe is not None:
+                self._observe(idx, module, query, key)
+        return mask
+
+    # ---- prefill statistics ------------------------------------------------------------
+    def _groups_for(self, query: torch.Tensor) -> TokenGroups:
+        if self._groups is None:
+            b, n = query.shape[0], query.shape[-2]
+            self._groups = token_groups(
+                input_ids=self._inputs.get("input_ids"),
+                attention_mask=self._inputs.get("attention_mask"),
+                shape=(b, n),
+                device=query.device,
+                vision_ids=self.vision_ids,
+                question_tokens=self.question_tokens,
+                mm_token_type_ids=self._inputs.get("mm_token_type_ids"),
+                caller_mask=self.caller_groups,
+            )
+            shortest = int(self._groups.valid.sum(-1).min())
+            r = self.recipe
+            if r is not None and r.scorer == "window" and shortest < r.window:
+                raise ValueError(
+                    f"the prompt has {shortest} tokens, fewer than the observation window ({r.window}) of "
+                    f"method {self.report.method!r}; pass window=<{shortest} or less> or a longer prompt"
+                )
+        return self._groups
+
+    def _observe(self, idx: int, module, query: torch.Tensor, key: torch.Tensor) -> None:
+        r = self.recipe
+        groups = self._groups_for(query)
+        scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
+        if r.scorer == "cumulative":
+            s = scoring.cumulative_attention_scores(query, key, groups.valid, scaling=scaling)
+        elif r.scorer == "window":
+            s = scoring.window_attention_scores(
+                query, key, groups.valid, scaling=scaling, window=r.window, pool_kernel=r.pool_kernel
+            )
+        else:  # recency: later tokens score higher
+            pos = torch.arange(key.shape[-2], device=key.device, dtype=torch.float32)
+            s = pos.expand(key.shape[0], key.shape[1], -1).masked_fill(~groups.valid[:, None, :], -math.inf)
+        self._scores[idx] = s
+        if r.needs_entropy:
+            subset = None
+            if r.entropy_queries is not None and r.entropy_queries < query.shape[-2]:
+                subset = torch.linspace(0, query.shape[-2] - 1, r.entropy_queries, device=query.device).long()
+            self._entropy[idx] = entropy.cross_modal_entropy(
+                query, key, groups.vision, groups.valid, scaling=scaling, query_subset=subset
+            )
+
+    # ---- compression -------------------------------------------------------------------
+    def _compress(self, cache) -> None:
+        rep = self.report
+        rep.kv_bytes_before = cache_bytes(cache)
+        rep.compressions += 1
+        if self.recipe is None:  # method "full": measure only
+            rep.kv_bytes_after = rep.kv_bytes_before
+            first = cache.layers[next(iter(self.modules))]
+            mask = self._inputs.get("attention_mask")
+            n_tokens = mask.sum(-1).float().mean() if mask is not None and mask.dim() == 2 else first.keys.shape[-2]
+            rep.prefill_tokens = int(round(float(n_tokens)))
+            rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
+            rep.layer_fractions = [1.0] * len(self.modules)
+            return
+        r = self.recipe
+        groups = self._groups
+        valid = groups.valid
+        n = valid.sum(-1)  # [B]
+        layers = list(self.modules)
+        fractions = self._allocate(layers, n)  # [L, B]
+        counts = torch.stack(
+            [allocation.fractions_to_counts(fractions[:, b], int(n[b]))[:, 0] for b in range(len(n))], dim=1
+        )  # [L, B]
+        priority = groups.text if (r.text_priority and groups.source == "vision") else None
+        rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
+        rep.clipped = {}
+        self._cache_layers: dict[int, CompressedLayer] = {}
+        kept_per_layer, evicted, merged = [], 0, 0
+        for li, idx in enumerate(layers):
+            layer = cache.layers[idx]
+            if getattr(layer, "is_sliding", False):
+                raise NotImplementedError(
+                    f"layer {idx} uses sliding-window attention; meda.kv compresses full-attention layers only"
+                )
+            keep = counts[li].to(valid.device)[:, None]  # [B, 1]
+            scores = self._scores[idx]
+            if r.head_budgets:
+                keep = allocation.head_budgets(scores, keep[:, 0], valid, floor_fraction=r.head_floor)
+            keep = keep.expand(-1, scores.shape[1])
+            recent = min(r.recent_window, max(0, int(keep.min()) - r.sink_tokens))
+            if recent < r.recent_window:
+                rep.clipped["recent_window"] = rep.clipped.get("recent_window", 0) + 1
+            sel = selection.select_indices(
+                scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=recent, priority=priority
+            )
+            if r.merge == "none":
+                k, v = selection.gather_kv(layer.keys, layer.values, sel)
+            else:
+                k, v = merging.merge_evicted(layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores)
+            kept = sel.mask.sum(-1).float()  # [B, Hkv]
+            dropped = (n[:, None].float() - kept).clamp(min=0).mean(-1).sum()
+            evicted += float(dropped)
+            merged += float(dropped) if r.merge != "none" else 0.0
+            kept_per_layer.append(float(kept.mean()))
+            new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
+            cache.layers[idx] = new
+            self._cache_layers[idx] = new
+        rep.prefill_tokens = int(round(float(n.float().mean())))
+        rep.layer_tokens = [int(round(t)) for t in kept_per_layer]
+        rep.layer_fractions = [float(f) for f in fractions.mean(-1)]
+        rep.layer_entropy = [float(self._entropy[i].mean()) for i in layers] if self._entropy else []
+        rep.evicted_tokens = int(round(evicted))
+        rep.merged_tokens = int(round(merged))
+        rep.kv_bytes_after = cache_bytes(cache)
+
+    def _allocate(self, layers: list[int], n: torch.Tensor) -> torch.Tensor:
+        """Kept fraction per layer and batch row, ``[layers, batch]``."""
+        r = self.recipe
+        num_layers, batch = len(layers), len(n)
+        if isinstance(self.budget, float):
+            rho = [self.budget] * batch
+        else:
+            rho = [min(1.0, self.budget / max(int(nb), 1)) for nb in n]
+        cols = []
+        for b in range(batch):
+            if r.allocator == "entropy":
+                e = torch.stack([self._entropy[i][b] for i in layers]).float().cpu()
+                res = allocation.entropy_budgets(e, rho[b], tau=r.tau, alpha_min=min(r.alpha_min, rho[b]))
+            elif r.allocator == "pyramid":
+                res = allocation.pyramid_budgets(num_layers, rho[b], alpha_min=min(r.alpha_min, rho[b]))
+            else:
+                res = allocation.uniform_budgets(num_layers, rho[b])
+            cols.append(_fractions(res))
+        return torch.stack(cols, dim=1)
+
+
+def _fractions(result) -> torch.Tensor:
+    """Accept a bare tensor or a result object with ``.fractions`` from the allocators."""
+    return getattr(result, "fractions", result).float().cpu()
+
+
+def _unique_configs(model: torch.nn.Module, modules) -> list:
+    """Config objects that steer the decoder's attention and mask creation."""
+    seen: dict[int, object] = {}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for owner in (decoder, *modules):
+        cfg = getattr(owner, "config", None)
+        if cfg is not None:
+            seen[id(cfg)] = cfg
+    return list(seen.values())
