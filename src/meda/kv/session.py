@@ -221,7 +221,7 @@ class CompressionSession:
             first = cache.layers[next(iter(self.modules))]
             mask = self._inputs.get("attention_mask")
             n_tokens = mask.sum(-1).float().mean() if mask is not None and mask.dim() == 2 else first.keys.shape[-2]
-            rep.prefill_tokens = int(round(float(n_tokens)))
+            rep.prefill_tokens = round(float(n_tokens))
             rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
             rep.layer_fractions = [1.0] * len(self.modules)
             return
@@ -268,12 +268,12 @@ class CompressionSession:
             new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
             cache.layers[idx] = new
             self._cache_layers[idx] = new
-        rep.prefill_tokens = int(round(float(n.float().mean())))
-        rep.layer_tokens = [int(round(t)) for t in kept_per_layer]
+        rep.prefill_tokens = round(float(n.float().mean()))
+        rep.layer_tokens = [round(t) for t in kept_per_layer]
         rep.layer_fractions = [float(f) for f in fractions.mean(-1)]
         rep.layer_entropy = [float(self._entropy[i].mean()) for i in layers] if self._entropy else []
-        rep.evicted_tokens = int(round(evicted))
-        rep.merged_tokens = int(round(merged))
+        rep.evicted_tokens = round(evicted)
+        rep.merged_tokens = round(merged)
         rep.kv_bytes_after = cache_bytes(cache)
 
     def _allocate(self, layers: list[int], n: torch.Tensor) -> torch.Tensor:
