@@ -23,7 +23,8 @@ def demo_prompt(paragraphs: int = 12) -> str:
         if i == paragraphs // 2:
             body.append(_KEY_FACT)
     context = "\n\n".join(body)
-    return f"Read the text and answer the question.\n\n{context}\n\nQuestion: Who is the keeper of the lighthouse in Vell?"
+    question = "Who is the keeper of the lighthouse in Vell?"
+    return f"Read the text and answer the question.\n\n{context}\n\nQuestion: {question}"
 
 
 def run_demo(methods: tuple[str, ...] = ("full", "streamingllm", "snapkv", "meda"), budget: float = 0.2) -> None:

@@ -61,9 +61,8 @@ def print_result(result: dict[str, Any]) -> None:
     rep = result["report"]
     console.print(f"[bold]{result['method']}[/bold] @ budget {result['budget']}: {result['answer']!r}")
     layers = [f"L{i}" for i in range(len(rep["layer_tokens"]))]
-    bar_chart(
-        f"kept tokens per layer (prefill {rep['prefill_tokens']} tokens)", layers, [float(t) for t in rep["layer_tokens"]]
-    )
+    title = f"kept tokens per layer (prefill {rep['prefill_tokens']} tokens)"
+    bar_chart(title, layers, [float(t) for t in rep["layer_tokens"]])
     print_table(
         "KV cache",
         ["", "value"],
