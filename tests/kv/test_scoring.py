@@ -70,9 +70,7 @@ def test_cumulative_matches_loop_reference(shape, chunk):
 
 def test_cumulative_average_over_queries_divides_by_visible_queries():
     query, key, valid = make_inputs(2, 2, 2, 9, 4, (0, 3))
-    scores = cumulative_attention_scores(
-        query, key, valid, scaling=0.5, query_chunk=4, average_over_queries=True
-    )
+    scores = cumulative_attention_scores(query, key, valid, scaling=0.5, query_chunk=4, average_over_queries=True)
     probs = per_kv_head(reference_attention(query, key, valid, 0.5), 2).sum(dim=2)
     seen_by = torch.stack([torch.tensor([int(valid[b, j:].sum()) for j in range(9)]) for b in range(2)])
     expected = probs / seen_by.clamp_min(1)[:, None]
@@ -126,9 +124,7 @@ def test_window_scores_are_finite_at_valid_tokens_including_the_window():
 
 def test_chunks_never_hold_more_than_chunk_rows():
     query, key, valid = make_inputs(1, 2, 3, 50, 4)
-    shapes = [
-        logits.shape for _, logits, _ in causal_logit_chunks(query, key, valid, scaling=1.0, query_chunk=8)
-    ]
+    shapes = [logits.shape for _, logits, _ in causal_logit_chunks(query, key, valid, scaling=1.0, query_chunk=8)]
     assert max(s[3] for s in shapes) == 8 and sum(s[3] for s in shapes) == 50
     assert all(s[:3] == (1, 2, 3) and s[4] == 50 for s in shapes)
 

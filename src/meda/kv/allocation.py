@@ -32,22 +32,25 @@ class LayerBudgets:
     Attributes:
         fractions: ``float64 [L]`` in ``[alpha_min, 1]``, mean ``rho`` (to float64 rounding).
         raw: ``float64 [L]`` the allocator's fractions before clamping (mean ``rho``).
+        scale: the solved ``s`` in ``clamp(s * raw, alpha_min, 1)`` (1 when nothing clips).
         alpha_min: the lower bound used.
     """
 
     fractions: Tensor
     raw: Tensor
+    scale: float
     alpha_min: float
 
     @property
     def clipped(self) -> float:
-        """Mean over layers of ``|raw - clamp(raw, alpha_min, 1)|``: how much budget the clamp moved."""
-        return float((self.raw - self.raw.clamp(self.alpha_min, 1.0)).abs().mean())
+        """Budget the clamp moved between layers: ``mean_l max(raw_l - fractions_l, 0)``."""
+        return float((self.raw - self.fractions).clamp_min(0.0).mean())
 
     @property
     def clipped_layers(self) -> int:
-        """Layers whose final fraction sits at a bound although their raw fraction lay beyond it."""
-        return int(((self.raw < self.alpha_min) | (self.raw > 1.0)).sum())
+        """Layers held at a bound (``alpha_min`` or 1) that their scaled raw fraction lies beyond."""
+        scaled = self.scale * self.raw
+        return int(((scaled < self.alpha_min) | (scaled > 1.0)).sum())
 
 
 def _check_rho(rho: float, alpha_min: float | None) -> float:
@@ -64,33 +67,28 @@ def _check_rho(rho: float, alpha_min: float | None) -> float:
     return float(alpha_min)
 
 
-def _clamp_to_mean(raw: Tensor, rho: float, alpha_min: float) -> Tensor:
-    """``clamp(s * raw, alpha_min, 1)`` with ``s >= 0`` solved so the mean is ``rho`` (``raw > 0``, float64).
+def _clamp_to_mean(raw: Tensor, rho: float, alpha_min: float) -> LayerBudgets:
+    """``clamp(s * raw, alpha_min, 1)`` with ``s >= 0`` solved so the mean is ``rho`` (float64 ``raw``).
 
     ``f(s) = mean(clamp(s * raw, lo, 1))`` is continuous, non-decreasing and piecewise linear with
     breakpoints ``lo / raw_l`` and ``1 / raw_l``: evaluate it there and interpolate on the segment
     that crosses ``rho``.
     """
-    raw = raw.clamp_min(torch.finfo(torch.float64).tiny)
-    breaks = torch.cat((alpha_min / raw, 1.0 / raw)).sort().values  # [2L]
-    values = (breaks[:, None] * raw).clamp(alpha_min, 1.0).mean(dim=1)  # f at each breakpoint
-    above = int(
-        torch.searchsorted(values, torch.tensor([rho], dtype=torch.float64)).clamp_max(len(breaks) - 1)
-    )
-    if above == 0:  # rho == alpha_min: every layer at the lower bound
-        return torch.full_like(raw, alpha_min)
-    s0, s1, f0, f1 = breaks[above - 1], breaks[above], values[above - 1], values[above]
-    scale = s0 + (rho - f0) * (s1 - s0) / (f1 - f0)  # f0 < rho <= f1
-    return (scale * raw).clamp(alpha_min, 1.0)
+    if ((raw >= alpha_min) & (raw <= 1.0)).all():
+        scale = 1.0
+    else:
+        positive = raw.clamp_min(torch.finfo(torch.float64).tiny)
+        breaks = torch.cat((alpha_min / positive, 1.0 / positive)).sort().values  # [2L]
+        values = (breaks[:, None] * positive).clamp(alpha_min, 1.0).mean(dim=1)  # f at each breakpoint
+        above = int(torch.searchsorted(values, torch.tensor([rho], dtype=values.dtype)).clamp(1, len(breaks) - 1))
+        s0, s1, f0, f1 = (float(x) for x in (breaks[above - 1], breaks[above], values[above - 1], values[above]))
+        # f0 < rho <= f1, except rho == alpha_min == f0 == f1 (every layer at the lower bound).
+        scale = s0 + (rho - f0) * (s1 - s0) / (f1 - f0) if f1 > f0 else s0
+    fractions = (scale * raw).clamp(alpha_min, 1.0)
+    return LayerBudgets(fractions=fractions, raw=raw, scale=scale, alpha_min=alpha_min)
 
 
-def _budgets(raw: Tensor, rho: float, alpha_min: float) -> LayerBudgets:
-    return LayerBudgets(fractions=_clamp_to_mean(raw, rho, alpha_min), raw=raw, alpha_min=alpha_min)
-
-
-def entropy_budgets(
-    entropy: Tensor, rho: float, *, tau: float = 1.0, alpha_min: float | None = None
-) -> LayerBudgets:
+def entropy_budgets(entropy: Tensor, rho: float, *, tau: float = 1.0, alpha_min: float | None = None) -> LayerBudgets:
     """MEDA layer budgets from per-layer cross-modal entropy.
 
     Args:
@@ -102,18 +100,14 @@ def entropy_budgets(
     """
     alpha_min = _check_rho(rho, alpha_min)
     if entropy.dim() != 1 or entropy.numel() == 0 or not torch.isfinite(entropy).all():
-        raise ValueError(
-            f"entropy must be a non-empty finite 1-D tensor [layers]; got {tuple(entropy.shape)}"
-        )
+        raise ValueError(f"entropy must be a non-empty finite 1-D tensor [layers]; got {tuple(entropy.shape)}")
     if not tau > 0:
         raise ValueError(f"tau must be > 0; got {tau}")
     weights = torch.softmax(entropy.detach().double().cpu() / tau, dim=0)
-    return _budgets(weights * (entropy.numel() * rho), rho, alpha_min)
+    return _clamp_to_mean(weights * (entropy.numel() * rho), rho, alpha_min)
 
 
-def pyramid_budgets(
-    num_layers: int, rho: float, *, beta: float = 20.0, alpha_min: float | None = None
-) -> LayerBudgets:
+def pyramid_budgets(num_layers: int, rho: float, *, beta: float = 20.0, alpha_min: float | None = None) -> LayerBudgets:
     """PyramidKV layer budgets: linear from ``2 rho - rho / beta`` (first layer) to ``rho / beta`` (last).
 
     Args:
@@ -128,7 +122,7 @@ def pyramid_budgets(
     if not beta >= 1:
         raise ValueError(f"beta must be >= 1 (1 = uniform); got {beta}")
     slope = torch.linspace(1.0, -1.0, num_layers, dtype=torch.float64) if num_layers > 1 else torch.zeros(1)
-    return _budgets(rho + (rho - rho / beta) * slope.double(), rho, alpha_min)
+    return _clamp_to_mean(rho + (rho - rho / beta) * slope.double(), rho, alpha_min)
 
 
 def uniform_budgets(num_layers: int, rho: float) -> LayerBudgets:
@@ -136,7 +130,7 @@ def uniform_budgets(num_layers: int, rho: float) -> LayerBudgets:
     _check_rho(rho, 0.0)
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1; got {num_layers}")
-    return _budgets(torch.full((num_layers,), float(rho), dtype=torch.float64), rho, 0.0)
+    return _clamp_to_mean(torch.full((num_layers,), float(rho), dtype=torch.float64), rho, 0.0)
 
 
 def fractions_to_counts(alpha: Tensor, n_tokens: Tensor | int) -> Tensor:

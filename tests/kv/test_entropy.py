@@ -1,0 +1,108 @@
+"""Cross-modal entropy against a dense loop reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meda.kv.entropy import cross_modal_entropy
+
+
+def make_inputs(batch, kv_heads, group, n, dim, pads=(), dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads * group, n, dim, generator=gen).to(dtype)
+    key = torch.randn(batch, kv_heads, n, dim, generator=gen).to(dtype)
+    vision = torch.rand(batch, n, generator=gen) < 0.5
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        valid[b, :pad] = False
+    return query, key, vision, valid
+
+
+def reference_entropy(query, key, vision, valid, scaling, rows=None):
+    """E = mean_h (E_TV + E_VT) by explicit loops over rows, skipping rows with no visible other-group key."""
+    batch, q_heads, n, _ = query.shape
+    group = q_heads // key.shape[1]
+    out = torch.zeros(batch, dtype=torch.float64)
+    for b in range(batch):
+        positions = range(n) if rows is None else rows[b]
+        for h in range(q_heads):
+            sums, counts = [0.0, 0.0], [0, 0]
+            for i in positions:
+                if not valid[b, i]:
+                    continue
+                is_vision = bool(vision[b, i])
+                seen = [j for j in range(i + 1) if valid[b, j] and bool(vision[b, j]) != is_vision]
+                if not seen:
+                    continue
+                logits = key[b, h // group, seen].double() @ query[b, h, i].double() * scaling
+                p = torch.softmax(logits, dim=0)
+                sums[is_vision] += float(-(p * p.log()).sum())
+                counts[is_vision] += 1
+            out[b] += sum(s / c for s, c in zip(sums, counts, strict=True) if c) / q_heads
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 1, 6, 4, ()), (2, 2, 3, 13, 8, (0, 5)), (3, 1, 2, 9, 4, (3, 0, 8))],
+)
+@pytest.mark.parametrize("chunk", [1, 4, 512])
+def test_matches_loop_reference(shape, chunk):
+    batch, kv_heads, group, n, dim, pads = shape
+    query, key, vision, valid = make_inputs(batch, kv_heads, group, n, dim, pads)
+    got = cross_modal_entropy(query, key, vision, valid, scaling=dim**-0.5, query_chunk=chunk)
+    assert got.dtype == torch.float32 and got.shape == (batch,)
+    torch.testing.assert_close(
+        got.double(), reference_entropy(query, key, vision, valid, dim**-0.5), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_bf16_inputs():
+    query, key, vision, valid = make_inputs(2, 2, 2, 11, 8, (0, 2), dtype=torch.bfloat16)
+    got = cross_modal_entropy(query, key, vision, valid, scaling=8**-0.5, query_chunk=3)
+    expected = reference_entropy(query.float(), key.float(), vision, valid, 8**-0.5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_query_subset_shared_and_per_row():
+    query, key, vision, valid = make_inputs(2, 1, 3, 12, 4, (0, 3))
+    shared = torch.tensor([0, 5, 7, 11])
+    got = cross_modal_entropy(query, key, vision, valid, scaling=0.5, query_chunk=3, query_subset=shared)
+    expected = reference_entropy(query, key, vision, valid, 0.5, rows=[shared.tolist()] * 2)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    per_row = torch.tensor([[1, 2, 9], [4, 10, 11]])
+    got = cross_modal_entropy(query, key, vision, valid, scaling=0.5, query_subset=per_row)
+    expected = reference_entropy(query, key, vision, valid, 0.5, rows=per_row.tolist())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_attention_gives_log_of_visible_count():
+    # Zero keys give uniform attention, so a row's entropy is log(#visible keys of the other group).
+    # Tokens T V V T T V: text 0 sees no vision key (skipped); vision 1 and 2 see text {0} (entropy 0);
+    # text 3 and 4 see vision {1, 2}; vision 5 sees text {0, 3, 4}.
+    n = 6
+    query = torch.randn(1, 2, n, 4)
+    key = torch.zeros(1, 1, n, 4)
+    vision = torch.tensor([[False, True, True, False, False, True]])
+    valid = torch.ones(1, n, dtype=torch.bool)
+    got = cross_modal_entropy(query, key, vision, valid, scaling=1.0)
+    expected = math.log(2) + (0 + 0 + math.log(3)) / 3
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_single_group_gives_zero():
+    query, key, _, valid = make_inputs(2, 1, 2, 7, 4, (0, 2))
+    for vision in (torch.zeros_like(valid), torch.ones_like(valid)):
+        assert torch.equal(cross_modal_entropy(query, key, vision, valid, scaling=1.0), torch.zeros(2))
+
+
+def test_bad_vision_mask_raises():
+    query, key, _, valid = make_inputs(1, 1, 1, 5, 4)
+    with pytest.raises(ValueError, match="vision"):
+        cross_modal_entropy(query, key, torch.zeros(1, 5), valid, scaling=1.0)
+    with pytest.raises(ValueError, match="query rows"):
+        cross_modal_entropy(query, key, valid, valid, scaling=1.0, query_subset=torch.tensor([5]))

@@ -1,0 +1,129 @@
+"""Merging against a plain Python loop over evicted tokens, for every mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meda.kv.merging import merge_evicted
+from meda.kv.selection import gather_kv, select_indices
+
+
+def reference_merge(keys, values, selection, valid, mode, scores=None):
+    """Assign each evicted valid token to its most key-cosine-similar kept slot, then combine per mode."""
+    keys, values = keys.double(), values.double()
+    out_k, out_v = (x.double().clone() for x in gather_kv(keys, values, selection))
+    batch, heads, n, _ = keys.shape
+    for b in range(batch):
+        for h in range(heads):
+            slots = [s for s in range(selection.indices.shape[-1]) if selection.mask[b, h, s]]
+            kept = {int(selection.indices[b, h, s]) for s in slots}
+            groups = {s: [] for s in slots}
+            for j in range(n):
+                if not valid[b, j] or j in kept or not slots:
+                    continue
+                sims = [
+                    float(torch.cosine_similarity(keys[b, h, j], keys[b, h, selection.indices[b, h, s]], dim=0))
+                    for s in slots
+                ]
+                groups[slots[sims.index(max(sims))]].append(j)
+            for s, members in groups.items():
+                if not members:
+                    continue
+                own = int(selection.indices[b, h, s])
+                for x, out in ((keys, out_k), (values, out_v)):
+                    merged = x[b, h, members]
+                    if mode == "average":
+                        out[b, h, s] = (x[b, h, own] + merged.sum(0)) / (1 + len(members))
+                    elif mode == "pivot":
+                        out[b, h, s] = (x[b, h, own] + merged.mean(0)) / 2
+                    else:
+                        w = scores[b, h, [own, *members]].double()
+                        stacked = torch.cat([x[b, h, own][None], merged])
+                        if w.sum() > 0:
+                            out[b, h, s] = (w[:, None] * stacked).sum(0) / w.sum()
+                        else:
+                            out[b, h, s] = stacked.mean(0)
+    return out_k, out_v
+
+
+def make_case(seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, n = 3, 2, 14  # GQA-shaped: 2 KV heads
+    keys = torch.randn(batch, heads, n, 6, generator=gen).to(dtype)
+    values = torch.randn(batch, heads, n, 5, generator=gen).to(dtype)
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :4] = False
+    valid[2, :11] = False
+    scores = torch.rand(batch, heads, n, generator=gen)
+    keep = torch.tensor([[3, 6], [1, 5], [2, 4]])  # per-head keep; row 2 has 3 valid tokens
+    return keys, values, valid, scores, select_indices(scores, keep, valid)
+
+
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_matches_loop_reference(mode, chunk):
+    keys, values, valid, scores, sel = make_case()
+    k, v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, chunk=chunk)
+    ref_k, ref_v = reference_merge(keys, values, sel, valid, mode, scores)
+    assert k.shape == ref_k.shape and v.shape == ref_v.shape and k.dtype == keys.dtype
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), ref_k * mask)
+    torch.testing.assert_close((v * mask).double(), ref_v * mask)
+
+
+def test_weighted_group_with_zero_weights_falls_back_to_average():
+    keys, values, valid, scores, sel = make_case(seed=1)
+    zero = torch.zeros_like(scores)
+    k, v = merge_evicted(keys, values, sel, valid, mode="weighted", scores=zero)
+    avg_k, avg_v = merge_evicted(keys, values, sel, valid, mode="average")
+    torch.testing.assert_close(k, avg_k)
+    torch.testing.assert_close(v, avg_v)
+    torch.testing.assert_close(
+        (k * sel.mask[..., None]).double(),
+        reference_merge(keys, values, sel, valid, "weighted", zero)[0] * sel.mask[..., None],
+    )
+
+
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+def test_nothing_evicted_equals_gather_exactly(mode):
+    keys, values, valid, scores, _ = make_case(dtype=torch.bfloat16)
+    sel = select_indices(scores, 14, valid)
+    k, v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores)
+    gk, gv = gather_kv(keys, values, sel)
+    assert torch.equal(k, gk) and torch.equal(v, gv)
+
+
+def test_bf16_matches_reference():
+    keys, values, valid, _, sel = make_case(seed=2, dtype=torch.bfloat16)
+    k, _ = merge_evicted(keys, values, sel, valid, mode="average", chunk=3)
+    ref_k, _ = reference_merge(keys.float(), values.float(), sel, valid, "average")
+    assert k.dtype == torch.bfloat16
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), (ref_k * mask).bfloat16().double(), rtol=1e-2, atol=1e-2)
+
+
+def test_similarity_is_chunked(monkeypatch):
+    keys, values, valid, _, sel = make_case()
+    real_matmul = torch.matmul
+    rows = []
+
+    def spy(a, b):
+        rows.append(a.shape[-2])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    merge_evicted(keys, values, sel, valid, chunk=4)
+    assert rows and max(rows) <= 4
+
+
+def test_errors():
+    keys, values, valid, scores, sel = make_case()
+    with pytest.raises(ValueError, match="mode must be"):
+        merge_evicted(keys, values, sel, valid, mode="max")
+    with pytest.raises(ValueError, match="needs scores"):
+        merge_evicted(keys, values, sel, valid, mode="weighted")
+    with pytest.raises(ValueError, match="non-negative"):
+        merge_evicted(keys, values, sel, valid, mode="weighted", scores=-scores)
+    with pytest.raises(ValueError, match="valid must be"):
+        merge_evicted(keys, values, sel, valid[:, :3])
