@@ -43,8 +43,8 @@ def reset_state(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter]
         if not state:
             continue
         if isinstance(optimizer, torch.optim.Adagrad):  # Adagrad expects its state to exist
-            init = next(g["initial_accumulator_value"] for g in optimizer.param_groups if p in g["params"])
-            state["sum"].fill_(init)
+            group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+            state["sum"].fill_(group["initial_accumulator_value"])
             state["step"].zero_()
         else:
             del optimizer.state[p]

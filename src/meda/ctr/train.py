@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from meda.ctr.batches import iterate_batches, split_by_day
+from meda.ctr.batches import iterate_batches, split_by_day, split_into_chunks
 from meda.ctr.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from meda.ctr.continual import SERVING, EmbeddingGroups, serve
 from meda.ctr.embedding import EmbeddingInit
@@ -112,6 +112,9 @@ def build_model_options(config: TrainConfig) -> dict[str, Any]:
         "batch_norm": config.batch_norm,
         "embedding_init": EmbeddingInit(config.init, config.init_std),  # type: ignore[arg-type]
     }
+    unknown = sorted(set(config.model_options) - set(accepted))
+    if unknown:
+        raise TypeError(f"model {config.model!r} has no option(s) {unknown}; its options are {sorted(accepted)}")
     return {**{k: v for k, v in shared.items() if k in accepted}, **config.model_options}
 
 
@@ -324,7 +327,7 @@ class Trainer:
     # ------------------------------------------------------------- checkpoints
     def _chunks(self) -> list[EncodedData]:
         train = self.dataset.train
-        return split_by_day(train) if train.day is not None else _split_in_order(train, self.config.chunks)
+        return split_by_day(train) if train.day is not None else split_into_chunks(train, self.config.chunks)
 
     def _save(self) -> None:
         if self.out_dir is None:
@@ -377,13 +380,6 @@ def train(
     """Train ``config.model`` in ``config.mode`` on ``dataset``; returns the ``metrics.json`` payload
     (also written to ``out_dir/metrics.json`` when ``out_dir`` is given)."""
     return Trainer(dataset, config, out_dir, log).fit(resume=resume, on_step=on_step)
-
-
-def _split_in_order(data: EncodedData, n: int) -> list[EncodedData]:
-    """``n`` consecutive chunks of rows (for continual training on data without days)."""
-    marks = np.linspace(0, len(data), n + 1).astype(np.int64)
-    day = np.repeat(np.arange(n), np.diff(marks))
-    return split_by_day(EncodedData(**{**vars(data), "day": day}))
 
 
 def _show_progress() -> bool:
