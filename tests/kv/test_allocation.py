@@ -163,3 +163,17 @@ def test_head_budgets_errors():
         head_budgets(torch.zeros(1, 2, 3), 1, torch.ones(1, 3, dtype=torch.bool), floor_fraction=1.5)
     with pytest.raises(ValueError, match="valid bool"):
         head_budgets(torch.zeros(1, 2, 3), 1, torch.ones(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+def test_cuda_inputs():
+    alpha = pyramid_budgets(6, 0.3).fractions.cuda()
+    n = torch.tensor([50, 700], device="cuda")
+    assert torch.equal(fractions_to_counts(alpha, n).cpu(), fractions_to_counts(alpha.cpu(), n.cpu()))
+    scores = torch.rand(2, 3, 40)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :9] = False
+    keep = torch.tensor([7, 12])
+    expected = head_budgets(scores, keep, valid)
+    assert torch.equal(head_budgets(scores.cuda(), keep.cuda(), valid.cuda()).cpu(), expected)
+    assert entropy_budgets(torch.rand(5, device="cuda"), 0.2).fractions.sum().item() == pytest.approx(1.0)

@@ -106,3 +106,14 @@ def test_bad_vision_mask_raises():
         cross_modal_entropy(query, key, torch.zeros(1, 5), valid, scaling=1.0)
     with pytest.raises(ValueError, match="query rows"):
         cross_modal_entropy(query, key, valid, valid, scaling=1.0, query_subset=torch.tensor([5]))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu():
+    query, key, vision, valid = make_inputs(2, 2, 3, 300, 16, (0, 37), dtype=torch.bfloat16)
+    subset = torch.tensor([[5, 100, 299], [40, 41, 200]])
+    for rows in (None, subset):
+        got = cross_modal_entropy(*(t.cuda() for t in (query, key, vision, valid)), scaling=0.25, query_subset=rows)
+        expected = cross_modal_entropy(query, key, vision, valid, scaling=0.25, query_subset=rows)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)

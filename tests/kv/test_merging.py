@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meda.kv.merging import merge_evicted
-from meda.kv.selection import gather_kv, select_indices
+from meda.kv.selection import Selection, gather_kv, select_indices
 
 
 def reference_merge(keys, values, selection, valid, mode, scores=None):
@@ -127,3 +127,14 @@ def test_errors():
         merge_evicted(keys, values, sel, valid, mode="weighted", scores=-scores)
     with pytest.raises(ValueError, match="valid must be"):
         merge_evicted(keys, values, sel, valid[:, :3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+def test_cuda_matches_cpu(mode):
+    keys, values, valid, scores, sel = make_case(seed=4)
+    k, v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, chunk=3)
+    on_gpu = Selection(sel.indices.cuda(), sel.mask.cuda())
+    gk, gv = merge_evicted(keys.cuda(), values.cuda(), on_gpu, valid.cuda(), mode=mode, scores=scores.cuda(), chunk=3)
+    torch.testing.assert_close(gk.cpu(), k)
+    torch.testing.assert_close(gv.cpu(), v)

@@ -78,6 +78,16 @@ def test_cumulative_average_over_queries_divides_by_visible_queries():
     assert_close(scores[mask], expected[mask])
 
 
+def test_cumulative_over_a_query_subset():
+    query, key, valid = make_inputs(2, 2, 2, 11, 4, (0, 3))
+    rows = torch.tensor([[0, 4, 10], [2, 7, 9]])
+    scores = cumulative_attention_scores(query, key, valid, scaling=0.5, query_chunk=2, query_subset=rows)
+    probs = per_kv_head(reference_attention(query, key, valid, 0.5), 2)
+    expected = torch.stack([probs[b, :, rows[b]].sum(dim=1) for b in range(2)])
+    mask = valid[:, None].expand_as(scores)
+    assert_close(scores[mask], expected[mask])
+
+
 def test_cumulative_with_queries_of_a_trailing_chunk():
     query, key, valid = make_inputs(2, 1, 3, 10, 4, (0, 2), n_queries=4)
     scores = cumulative_attention_scores(query, key, valid, scaling=0.3, query_chunk=3)
@@ -147,3 +157,13 @@ def test_even_pool_kernel_raises():
     query, key, valid = make_inputs(1, 1, 1, 6, 4)
     with pytest.raises(ValueError, match="odd"):
         window_attention_scores(query, key, valid, scaling=1.0, pool_kernel=4)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu():
+    query, key, valid = make_inputs(2, 2, 3, 300, 16, (0, 37), dtype=torch.bfloat16)
+    on_gpu = [t.cuda() for t in (query, key, valid)]
+    for scorer, options in ((cumulative_attention_scores, {"query_chunk": 64}), (window_attention_scores, {})):
+        got = scorer(*on_gpu, scaling=0.25, **options)
+        assert got.device.type == "cuda" and got.dtype == torch.float32
+        torch.testing.assert_close(got.cpu(), scorer(query, key, valid, scaling=0.25, **options), rtol=1e-4, atol=1e-4)

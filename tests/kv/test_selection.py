@@ -140,3 +140,13 @@ def test_errors_name_the_problem():
         select_indices(torch.full_like(scores, float("nan")), 3, valid)
     with pytest.raises(ValueError, match="kv_heads"):
         gather_kv(torch.zeros(3, 2, 12, 4), torch.zeros(3, 2, 11, 4), select_indices(scores, 3, valid))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    scores, valid, priority = random_case()
+    keep = torch.tensor([[3, 6], [1, 9], [2, 12]])
+    options = {"sink_tokens": 1, "recent_window": 2}
+    expected = select_indices(scores, keep, valid, priority=priority, **options)
+    got = select_indices(scores.cuda(), keep.cuda(), valid.cuda(), priority=priority.cuda(), **options)
+    assert torch.equal(got.indices.cpu(), expected.indices) and torch.equal(got.mask.cpu(), expected.mask)

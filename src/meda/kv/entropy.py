@@ -36,7 +36,7 @@ def cross_modal_entropy(
         vision: ``BoolTensor [B, N]``, True at vision (or "group A") tokens.
         valid: ``BoolTensor [B, N]``, False at padding.
         scaling: logit scale.
-        query_chunk: query rows per chunk (memory ``B x Hq x query_chunk x N`` floats).
+        query_chunk: query rows per chunk (peak memory about ``2 x B x Hq x query_chunk x N`` floats).
         query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate instead of all
             (a sampled or observation subset); the means then run over the eligible rows of the subset.
 
@@ -51,16 +51,15 @@ def cross_modal_entropy(
     batch, q_heads = query.shape[0], query.shape[1]
     sums = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)  # [text rows, vision rows]
     counts = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)
-    chunks = causal_logit_chunks(
-        query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset
-    )
+    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset)
     for positions, logits, visible in chunks:
         query_vision = vision.gather(1, positions)  # [B, c]
-        other = visible & (vision[:, None, :] != query_vision[..., None])  # [B, c, N]
-        log_probs = torch.log_softmax(logits.masked_fill(~other[:, None, None], float("-inf")), dim=-1)
-        plogp = (log_probs.exp() * log_probs).masked_fill(~other[:, None, None], 0.0)
-        row_entropy = -plogp.sum(dim=-1).sum(dim=(1, 2))  # [B, c], summed over query heads
-        eligible = other.any(dim=-1)  # [B, c]; padded queries have no visible key
+        hidden = ~(visible & (vision[:, None, :] != query_vision[..., None]))[:, None, None]  # [B,1,1,c,N]
+        log_probs = torch.log_softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+        del logits  # peak memory: two chunk-sized tensors
+        plogp = log_probs.exp().mul_(log_probs).masked_fill_(hidden, 0.0)  # 0 log 0 := 0
+        row_entropy = -plogp.sum(dim=(-1, 1, 2))  # [B, c], summed over query heads
+        eligible = ~hidden[:, 0, 0].all(dim=-1)  # [B, c]; padded queries see no key
         rows = torch.stack((~query_vision, query_vision), dim=-1) & eligible[..., None]  # [B, c, 2]
         sums += (row_entropy[..., None] * rows).sum(dim=1)
         counts += rows.sum(dim=1)

@@ -39,8 +39,7 @@ def check_attention_inputs(query: Tensor, key: Tensor, valid: Tensor) -> None:
         raise ValueError(f"more queries ({n_queries}) than keys ({n_keys}); queries must be the last tokens")
     if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_keys):
         raise ValueError(
-            f"valid must be a bool tensor [batch, tokens] = [{batch}, {n_keys}]; got {valid.dtype} "
-            f"{tuple(valid.shape)}"
+            f"valid must be a bool tensor [batch, tokens] = [{batch}, {n_keys}]; got {valid.dtype} {tuple(valid.shape)}"
         )
 
 
@@ -90,13 +89,31 @@ def causal_logit_chunks(
         positions = rows + (n_keys - n_queries)
         query_valid = valid.gather(1, positions)  # [B, c]
         visible = (key_pos <= positions[..., None]) & valid[:, None, :] & query_valid[..., None]
-        logits = torch.matmul(q, keys32.transpose(-1, -2)) * scaling  # [B, Hkv, G, c, N]
-        yield positions, logits.masked_fill(~visible[:, None, None], float("-inf")), visible
+        # Built inside the yield so this frame keeps no reference: the caller may free it or edit it in place.
+        yield positions, _masked_logits(q * scaling, keys32, visible), visible
 
 
-def _masked_softmax(logits: Tensor, visible: Tensor) -> Tensor:
-    """Softmax over the last dim of ``-inf``-masked logits; rows with no visible key are all zero."""
-    return torch.softmax(logits, dim=-1).masked_fill(~visible[:, None, None], 0.0)
+def _masked_logits(scaled_query: Tensor, keys: Tensor, visible: Tensor) -> Tensor:
+    """``[B, Hkv, G, c, N]`` logits with ``-inf`` where ``visible [B, c, N]`` is False."""
+    logits = torch.matmul(scaled_query, keys.transpose(-1, -2))
+    return logits.masked_fill_(~visible[:, None, None], float("-inf"))
+
+
+def _summed_attention(
+    chunks: Iterator[tuple[Tensor, Tensor, Tensor]], out: Tensor, seen_by: Tensor | None = None
+) -> Tensor:
+    """Add each chunk's softmax attention, summed over the group's heads and the queries, to ``out``
+    ``[B, Hkv, N]``, and optionally to ``seen_by [B, N]`` how many of the queries see each key.
+
+    Rows with no visible key contribute zero. Peak memory: two chunk-sized tensors.
+    """
+    for _, logits, visible in chunks:
+        if seen_by is not None:
+            seen_by += visible.sum(dim=1)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        out += probs.masked_fill_(~visible[:, None, None], 0.0).sum(dim=(2, 3))
+    return out
 
 
 def cumulative_attention_scores(
@@ -106,6 +123,7 @@ def cumulative_attention_scores(
     *,
     scaling: float,
     query_chunk: int = 512,
+    query_subset: Tensor | None = None,
     average_over_queries: bool = False,
 ) -> Tensor:
     """H2O / MEDA score: attention each key receives, summed over all prompt queries and the group's heads.
@@ -116,21 +134,20 @@ def cumulative_attention_scores(
     Args:
         query: ``[B, Hq, Nq, D]`` post-RoPE; key: ``[B, Hkv, N, D]``; valid: ``[B, N]``.
         scaling: logit scale.
-        query_chunk: query rows per chunk (memory ``B x Hq x query_chunk x N`` floats).
-        average_over_queries: divide each key's sum by the number of valid queries that see it (counters
-            the bias of causal sums towards early tokens). Default False: the paper's / H2O's plain sum.
+        query_chunk: query rows per chunk (memory about ``2 x B x Hq x query_chunk x N`` floats).
+        query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to sum over instead of all
+            (cost ``O(S N)`` instead of ``O(Nq N)`` for long prompts).
+        average_over_queries: divide each key's sum by the number of valid summed queries that see it
+            (counters the bias of causal sums towards early tokens). Default False: the paper's / H2O's sum.
 
     Returns:
         ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys.
     """
     batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
     total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
+    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset)
     seen_by = torch.zeros(batch, n_keys, device=key.device, dtype=torch.float32)
-    for _, logits, visible in causal_logit_chunks(
-        query, key, valid, scaling=scaling, query_chunk=query_chunk
-    ):
-        total += _masked_softmax(logits, visible).sum(dim=(2, 3))
-        seen_by += visible.sum(dim=1)
+    total = _summed_attention(chunks, total, seen_by)
     if average_over_queries:
         total = total / seen_by.clamp_min(1.0)[:, None]
     return total.masked_fill(~valid[:, None], float("-inf"))
@@ -169,8 +186,7 @@ def window_attention_scores(
     rows = torch.arange(max(n_queries - window, 0), n_queries, device=query.device)
     total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
     chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=window, query_rows=rows)
-    for _, logits, visible in chunks:
-        total += _masked_softmax(logits, visible).sum(dim=(2, 3))
+    total = _summed_attention(chunks, total)
     if pool_kernel > 1:
         pooled = F.max_pool1d(total.view(-1, 1, n_keys), pool_kernel, stride=1, padding=pool_kernel // 2)
         total = pooled.view(batch, kv_heads, n_keys)
