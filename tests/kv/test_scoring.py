@@ -104,24 +104,28 @@ def test_bf16_inputs_are_scored_in_float32():
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def reference_window(query, key, valid, scaling, window, kernel):
+def reference_window(query, key, valid, scaling, window, kernel, pooling="max"):
     kv_heads, n = key.shape[1], key.shape[2]
     probs = per_kv_head(reference_attention(query, key, valid, scaling), kv_heads)
     summed = probs[:, :, -window:].sum(dim=2)
     pooled = summed.clone()
     half = kernel // 2
     for j in range(n):
-        pooled[..., j] = summed[..., max(0, j - half) : j + half + 1].amax(dim=-1)
+        neighbours = summed[..., max(0, j - half) : j + half + 1]
+        pooled[..., j] = neighbours.amax(dim=-1) if pooling == "max" else neighbours.sum(dim=-1) / kernel
     return pooled.masked_fill(~valid[:, None], -math.inf)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("window", "kernel"), [(1, 1), (3, 3), (4, 7), (32, 5)])
-def test_window_matches_loop_reference(shape, window, kernel):
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_window_matches_loop_reference(shape, window, kernel, pooling):
     batch, kv_heads, group, n, dim, pads = shape
     query, key, valid = make_inputs(batch, kv_heads, group, n, dim, pads, seed=1)
-    scores = window_attention_scores(query, key, valid, scaling=dim**-0.5, window=window, pool_kernel=kernel)
-    expected = reference_window(query, key, valid, dim**-0.5, window, kernel)
+    scores = window_attention_scores(
+        query, key, valid, scaling=dim**-0.5, window=window, pool_kernel=kernel, pooling=pooling
+    )
+    expected = reference_window(query, key, valid, dim**-0.5, window, kernel, pooling)
     assert scores.dtype == torch.float32
     assert_close(scores, expected)
 
@@ -153,10 +157,22 @@ def test_bad_inputs_raise(query_shape, key_shape, valid, match):
         cumulative_attention_scores(torch.zeros(query_shape), torch.zeros(key_shape), valid, scaling=1.0)
 
 
-def test_even_pool_kernel_raises():
+def test_bad_pooling_raises():
     query, key, valid = make_inputs(1, 1, 1, 6, 4)
     with pytest.raises(ValueError, match="odd"):
         window_attention_scores(query, key, valid, scaling=1.0, pool_kernel=4)
+    with pytest.raises(ValueError, match="pooling"):
+        window_attention_scores(query, key, valid, scaling=1.0, pooling="mean")
+
+
+def test_non_contiguous_queries_from_a_projection():
+    query, key, valid = make_inputs(1, 2, 2, 9, 4)
+    transposed = query.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, N, D] view of [B, N, Hq, D]
+    assert not transposed.is_contiguous()
+    assert torch.equal(
+        cumulative_attention_scores(transposed, key, valid, scaling=0.5),
+        cumulative_attention_scores(query, key, valid, scaling=0.5),
+    )
 
 
 @pytest.mark.gpu

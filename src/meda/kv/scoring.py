@@ -13,6 +13,7 @@ Query ``i`` sees key ``j`` when ``j <= i`` and ``j`` is valid; padded queries se
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +82,7 @@ def causal_logit_chunks(
         raise ValueError(f"query rows must lie in [0, {n_queries}); got values outside that range")
     keys32 = key.float().unsqueeze(2)  # [B, Hkv, 1, N, D]
     key_pos = torch.arange(n_keys, device=device)
-    grouped = query.view(batch, kv_heads, group, n_queries, dim)
+    grouped = query.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Nq, D], a view
     for start in range(0, query_rows.shape[1], query_chunk):
         rows = query_rows[:, start : start + query_chunk]  # [B, c]
         index = rows[:, None, None, :, None].expand(-1, kv_heads, group, -1, dim)
@@ -161,9 +162,11 @@ def window_attention_scores(
     scaling: float,
     window: int = 32,
     pool_kernel: int = 7,
+    pooling: Literal["max", "avg"] = "max",
 ) -> Tensor:
     """SnapKV score: attention from the last ``window`` queries, summed over them and the group's heads,
-    then max-pooled along keys (odd ``pool_kernel``, same padding; 1 disables pooling).
+    then pooled along keys (odd ``pool_kernel``, same padding; 1 disables pooling). ``pooling="avg"``
+    with ``pool_kernel=5`` is the SnapKV / PyramidKV code default (zero-padded at the ends).
 
     Tokens inside the observation window get their own finite score, NOT ``+inf``: the caller keeps the
     window by passing ``recent_window=window`` to :func:`meda.kv.selection.select_indices` (finite
@@ -180,6 +183,8 @@ def window_attention_scores(
         raise ValueError(f"window must be >= 1; got {window}")
     if pool_kernel < 1 or pool_kernel % 2 == 0:
         raise ValueError(f"pool_kernel must be odd and >= 1 (same padding); got {pool_kernel}")
+    if pooling not in ("max", "avg"):
+        raise ValueError(f"pooling must be 'max' or 'avg'; got {pooling!r}")
     check_attention_inputs(query, key, valid)
     batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
     n_queries = query.shape[2]
@@ -188,6 +193,7 @@ def window_attention_scores(
     chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=window, query_rows=rows)
     total = _summed_attention(chunks, total)
     if pool_kernel > 1:
-        pooled = F.max_pool1d(total.view(-1, 1, n_keys), pool_kernel, stride=1, padding=pool_kernel // 2)
+        pool = F.max_pool1d if pooling == "max" else F.avg_pool1d
+        pooled = pool(total.view(-1, 1, n_keys), pool_kernel, stride=1, padding=pool_kernel // 2)
         total = pooled.view(batch, kv_heads, n_keys)
     return total.masked_fill(~valid[:, None], float("-inf"))
