@@ -364,6 +364,89 @@ def tiny_config(family: str, **shape_overrides: Any) -> Any:
     return AutoConfig.for_model(family, **kwargs)
 
 
+QWEN2_7B_TEXT = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "tie_word_embeddings": False,
+}
+QWEN_VL_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+MROPE_7B = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+
+# name -> (family, config kwargs): real 7B shapes from the published config.json files.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2-7b": ("qwen2", {**QWEN2_7B_TEXT, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+    "qwen2-vl-7b": (
+        "qwen2_vl",
+        {
+            "text_config": {**QWEN2_7B_TEXT, "model_type": "qwen2_vl_text", "rope_parameters": MROPE_7B},
+            "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4},
+            **QWEN_VL_IDS,
+        },
+    ),
+    "qwen2.5-vl-7b": (
+        "qwen2_5_vl",
+        {
+            "text_config": {
+                **QWEN2_7B_TEXT,
+                "model_type": "qwen2_5_vl_text",
+                "max_position_embeddings": 128000,
+                "rope_parameters": MROPE_7B,
+            },
+            "vision_config": {
+                "depth": 32,
+                "hidden_size": 1280,
+                "intermediate_size": 3420,
+                "num_heads": 16,
+                "out_hidden_size": 3584,
+                "fullatt_block_indexes": [7, 15, 23, 31],
+                "window_size": 112,
+                "tokens_per_second": 2,
+            },
+            **QWEN_VL_IDS,
+        },
+    ),
+}
+
+
+def config_preset(name: str) -> Any:
+    """The transformers config of a real model shape (``PRESETS``), without downloading anything."""
+    from transformers import AutoConfig
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    family, kwargs = PRESETS[name]
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def build_shaped(
+    preset: str = "qwen2-vl-7b",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> TinyModel:
+    """A random-weight model of a real shape (e.g. Qwen2-VL-7B), initialised directly on ``device``.
+
+    For GPU speed and memory smoke runs; ``device="meta"`` builds it without allocating weights.
+    """
+    config = config_preset(preset)
+    return _wrap(config.model_type, config, attn_implementation, seed, dtype, device)
+
+
 def build_tiny(
     family: str,
     *,
