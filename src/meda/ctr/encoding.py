@@ -41,21 +41,16 @@ class FittedEncoders:
     numeric: dict[str, NumericTransform]
 
     def feature_map(self, schema: Schema) -> FeatureMap:
+        """Fields in schema order; a bucketised numeric field becomes categorical."""
         fields = []
         for spec in schema.fields:
             if spec.kind == "numeric":
                 t = self.numeric[spec.name]
-                kind = "categorical" if t.categorical else "numeric"
-                fields.append(Field(spec.name, kind, vocab_size=t.size))
+                fields.append(Field(spec.name, "categorical" if t.categorical else "numeric", t.size))
+            elif spec.kind == "sequence":
+                fields.append(Field(spec.name, "sequence", self.tokens[spec.name].size, spec.max_len))
             else:
-                fields.append(
-                    Field(
-                        spec.name,
-                        spec.kind,
-                        self.tokens[spec.name].size,
-                        spec.max_len * (spec.kind == "sequence"),
-                    )
-                )
+                fields.append(Field(spec.name, "categorical", self.tokens[spec.name].size))
         return FeatureMap(fields, label=schema.label)
 
     def state(self) -> dict[str, Any]:
@@ -75,9 +70,7 @@ def fit_encoders(train: pa.Table, schema: Schema, options: EncodingOptions) -> F
             x = _floats(train[spec.name])
             numeric[spec.name] = fit_numeric(options.numeric, x, n_buckets=options.n_buckets)
             continue
-        column = (
-            train[spec.name] if spec.kind == "categorical" else _sequence_tokens(train[spec.name], spec)[0]
-        )
+        column = train[spec.name] if spec.kind == "categorical" else _sequence_tokens(train[spec.name], spec)[0]
         tokens[spec.name] = _fit_tokens(column, spec, options)
     return FittedEncoders(tokens, numeric)
 
@@ -90,9 +83,7 @@ def encode_table(
     specs = {s.name: s for s in schema.fields}
     cat_cols = [_encode_categorical(table, specs[f.name], encoders) for f in feature_map.categorical]
     num_cols = [encoders.numeric[f.name].apply(_floats(table[f.name])) for f in feature_map.numeric]
-    seq_cols = [
-        _encode_sequence(table[f.name], specs[f.name], encoders.tokens[f.name]) for f in feature_map.sequence
-    ]
+    seq_cols = [_encode_sequence(table[f.name], specs[f.name], encoders.tokens[f.name]) for f in feature_map.sequence]
     max_len = max((f.max_len for f in feature_map.sequence), default=0)
     sequence = np.zeros((n, len(seq_cols), max_len), dtype=np.int64)
     for j, s in enumerate(seq_cols):
@@ -126,9 +117,7 @@ def _fit_tokens(column: pa.ChunkedArray | pa.Array, spec: FieldSpec, options: En
 
 def _sequence_tokens(column: pa.ChunkedArray, spec: FieldSpec) -> tuple[pa.Array, np.ndarray]:
     """Split a sequence column: (non-empty tokens flattened, row index of each token ``[tokens]``)."""
-    lists = pc.split_pattern(
-        column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, spec.separator
-    )
+    lists = pc.split_pattern(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, spec.separator)
     flat = pc.list_flatten(lists)
     rows = pc.list_parent_indices(lists).to_numpy()
     nonempty = pc.not_equal(flat, "")

@@ -14,7 +14,7 @@ Criteo TSV and Avazu CSV formats; others load from a small JSON or YAML file::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,10 +114,6 @@ class Schema:
                 out.append(name)
         return out
 
-    def with_options(self, **changes: Any) -> Schema:
-        """A copy with some attributes replaced."""
-        return replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["fields"] = [asdict(f) for f in self.fields]
@@ -129,9 +125,7 @@ class Schema:
         raw = dict(raw)
         unknown = set(raw) - {f for f in cls.__dataclass_fields__}
         if unknown:
-            raise ValueError(
-                f"unknown schema keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}"
-            )
+            raise ValueError(f"unknown schema keys {sorted(unknown)}; allowed: {sorted(cls.__dataclass_fields__)}")
         if "fields" not in raw:
             raise ValueError("schema needs a 'fields' list of {name, kind, ...} entries")
         raw["fields"] = tuple(FieldSpec(**f) for f in raw["fields"])
