@@ -57,10 +57,15 @@ def cross_modal_entropy(
         hidden = ~(visible & (vision[:, None, :] != query_vision[..., None]))[:, None, None]  # [B,1,1,c,N]
         log_probs = torch.log_softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
         del logits  # peak memory: two chunk-sized tensors
-        plogp = log_probs.exp().mul_(log_probs).masked_fill_(hidden, 0.0)  # 0 log 0 := 0
-        row_entropy = -plogp.sum(dim=(-1, 1, 2))  # [B, c], summed over query heads
+        row_entropy = _entropy_rows(log_probs, hidden)  # [B, c], summed over query heads
+        del log_probs
         eligible = ~hidden[:, 0, 0].all(dim=-1)  # [B, c]; padded queries see no key
         rows = torch.stack((~query_vision, query_vision), dim=-1) & eligible[..., None]  # [B, c, 2]
         sums += (row_entropy[..., None] * rows).sum(dim=1)
         counts += rows.sum(dim=1)
     return (sums / counts.clamp_min(1.0)).sum(dim=1) / q_heads
+
+
+def _entropy_rows(log_probs: Tensor, hidden: Tensor) -> Tensor:
+    """``-sum p log p`` over keys and query heads: ``[B, Hkv, G, c, N] -> [B, c]`` (0 log 0 := 0)."""
+    return -log_probs.exp().mul_(log_probs).masked_fill_(hidden, 0.0).sum(dim=(-1, 1, 2))

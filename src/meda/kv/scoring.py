@@ -112,8 +112,9 @@ def _summed_attention(
         if seen_by is not None:
             seen_by += visible.sum(dim=1)
         probs = torch.softmax(logits, dim=-1)
-        del logits
+        del logits  # free before the next chunk is built: peak stays at two chunk-sized tensors
         out += probs.masked_fill_(~visible[:, None, None], 0.0).sum(dim=(2, 3))
+        del probs
     return out
 
 
