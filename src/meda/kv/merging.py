@@ -90,9 +90,7 @@ def merge_evicted(
     kept_k, kept_v = gather_kv(keys, values, selection)
     batch, heads, n_tokens, _ = keys.shape
     if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_tokens):
-        raise ValueError(
-            f"valid must be a bool tensor [{batch}, {n_tokens}]; got {valid.dtype} {tuple(valid.shape)}"
-        )
+        raise ValueError(f"valid must be a bool tensor [{batch}, {n_tokens}]; got {valid.dtype} {tuple(valid.shape)}")
     slot_mask = selection.mask
     evicted = valid[:, None] & ~selection.token_mask(n_tokens) & slot_mask.any(dim=-1)[..., None]
     weights = [evicted.float()]

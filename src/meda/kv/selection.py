@@ -116,9 +116,7 @@ def select_indices(
         (sink | recent)[:, None], protected_order[:, None], scores.float().masked_fill(~valid[:, None], 0.0)
     )
     order = within.argsort(dim=-1, descending=True, stable=True)
-    order = order.gather(
-        -1, tier[:, None].expand(-1, heads, -1).gather(-1, order).argsort(dim=-1, stable=True)
-    )
+    order = order.gather(-1, tier[:, None].expand(-1, heads, -1).gather(-1, order).argsort(dim=-1, stable=True))
 
     kept = torch.minimum(keep, n_valid)  # [B, Hkv]
     width = int(kept.max()) if kept.numel() else 0
