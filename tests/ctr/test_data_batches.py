@@ -78,3 +78,17 @@ def test_split_by_day_and_chunks() -> None:
     data.day = None
     with pytest.raises(ValueError, match="no day column"):
         split_by_day(data)
+
+
+def test_unshuffled_shards_are_read_lazily() -> None:
+    loaded = []
+
+    def shards():
+        for start in (0, 50):
+            loaded.append(start)
+            yield take(make_data(), slice(start, start + 50))
+
+    batches = iterate_batches(shards(), 50, shuffle=False)
+    next(batches)
+    assert loaded == [0]
+    assert next(batches)["categorical"][0, 0].item() == 50 and loaded == [0, 50]

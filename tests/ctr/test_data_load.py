@@ -130,3 +130,29 @@ def test_bad_arguments() -> None:
         load_dataset("x", "criteo", valid="y")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_dataset("/nonexistent/x.tsv", "criteo")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_schema_file_round_trip(tmp_path: Path, suffix: str) -> None:
+    schema = Schema(fields=(FieldSpec("a", "categorical", hash_buckets=10), FieldSpec("s", "sequence", max_len=4)),
+                    label="click", day="d")  # fmt: skip
+    path = tmp_path / f"s{suffix}"
+    if suffix == ".json":
+        schema.save(path)
+    else:
+        yaml = pytest.importorskip("yaml")
+        path.write_text(yaml.safe_dump(schema.to_dict()))
+    assert Schema.load(path) == schema
+
+
+def test_schema_errors_are_explicit(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown schema keys"):
+        Schema.from_dict({"fields": [], "labl": "x"})
+    with pytest.raises(ValueError, match="unknown kind"):
+        FieldSpec("a", "float")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="more than once"):
+        Schema(fields=(FieldSpec("a", "numeric"), FieldSpec("a", "categorical")))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"fields": [{"name": "a"}]}')
+    with pytest.raises(ValueError, match=r"invalid schema in .*bad\.json"):
+        Schema.load(bad)

@@ -56,10 +56,11 @@ def iterate_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = np.random.default_rng(seed)
-    shards = [data] if isinstance(data, EncodedData) else list(data)
-    order = rng.permutation(len(shards)) if shuffle else range(len(shards))
-    for s in order:
-        shard = shards[s]
+    shards: Iterable[EncodedData] = [data] if isinstance(data, EncodedData) else data
+    if shuffle:  # shard order too; unshuffled shards are consumed lazily, one at a time
+        listed = list(shards)
+        shards = [listed[i] for i in rng.permutation(len(listed))]
+    for shard in shards:
         n = len(shard)
         rows = rng.permutation(n) if shuffle else np.arange(n)
         stop = n - n % batch_size if drop_last else n
