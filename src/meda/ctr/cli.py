@@ -38,7 +38,7 @@ def generate(
 
     \b
     Presets:
-      zipf             two Zipf ID fields of 200k values + 3 small fields (the epoch-2 drop)
+      zipf             two Zipf ID fields of 100k values + 3 small fields (the epoch-2 drop)
       low-cardinality  the same with 500 values per ID field (no drop expected)
       criteo           13 count + 26 categorical fields, real Criteo TSV (--format criteo)
       days             the zipf preset over 10 days with drifting popularity (continual mode)
@@ -126,6 +126,7 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
     cache_dir: Path | None = typer.Option(None, help="Cache of encoded data (reused when inputs match)."),
+    use_cache: bool = typer.Option(True, "--cache/--no-cache", help="Read/write the encoded-data cache."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON instead of tables."),
 ) -> None:
     """Train a CTR model and write OUT/metrics.json (valid/test AUC and logloss per epoch).
@@ -166,10 +167,13 @@ def train(
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise typer.BadParameter(str(err)) from err
-    dataset = load_dataset(
-        data, format, schema=schema, valid=valid, test=test, cache_dir=cache_dir,
-        min_count=min_count, seed=seed, numeric=numeric,
-    )  # fmt: skip
+    try:
+        dataset = load_dataset(
+            data, format, schema=schema, valid=valid, test=test, cache_dir=cache_dir, use_cache=use_cache,
+            min_count=min_count, seed=seed, numeric=numeric,
+        )  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--data") from err
     log = None if json_out else (lambda line: console.print(line, highlight=False))
     results = run_modes(dataset, modes, config, out, plot=plot, resume=resume, log=log)
     if json_out:
