@@ -89,8 +89,8 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "zipf",
-            "two Zipf ID fields of 200k values + three small fields: shows the epoch-2 AUC drop",
-            (IdField("user_id", 200_000, 1.05), IdField("item_id", 200_000, 1.05), *_SMALL_FIELDS),
+            "two Zipf ID fields of 100k values + three small fields: shows the epoch-2 AUC drop (500k rows)",
+            (IdField("user_id", 100_000, 1.05), IdField("item_id", 100_000, 1.05), *_SMALL_FIELDS),
         ),
         Preset(
             "low-cardinality",
@@ -110,7 +110,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "days",
             "the zipf preset over 10 days with drifting ID popularity, for the continual mode",
-            (IdField("user_id", 200_000, 1.05), IdField("item_id", 200_000, 1.05), *_SMALL_FIELDS),
+            (IdField("user_id", 100_000, 1.05), IdField("item_id", 100_000, 1.05), *_SMALL_FIELDS),
             days=10,
             drift=0.02,
         ),
