@@ -93,16 +93,14 @@ def load_dataset(
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file; check the data path")
     resolved = resolve_schema(format, schema, files["train"][0])
-    options = EncodingOptions(
-        min_count=min_count, numeric=numeric, n_buckets=n_buckets, hash_buckets=hash_buckets
-    )
+    options = EncodingOptions(min_count=min_count, numeric=numeric, n_buckets=n_buckets, hash_buckets=hash_buckets)
     settings = {
         "format": format,
         "schema": resolved.to_dict(),
         "options": asdict(options),
         "seed": seed,
         "split": list(split) if "valid" not in files else None,
-        "roles": {k: [str(p) for p in v] for k, v in files.items()},
+        "files_per_role": {k: len(v) for k, v in files.items()},  # paths are in the cache key
     }
     entry = None
     if use_cache:
@@ -133,17 +131,7 @@ def load_dataset(
         "format": format,
         "files": {k: [str(p) for p in v] for k, v in files.items()},
         **raw_report,
-        "split_sizes": {k: len(v) for k, v in splits.items()},
-        "label_mean": {k: float(v.label.mean()) if len(v) else None for k, v in splits.items()},
-        "days": int(splits["train"].day.max()) + 1
-        if splits["train"].day is not None and len(splits["train"])
-        else None,
-        "vocab_sizes": {f.name: f.vocab_size for f in fmap.fields if f.kind != "numeric"},
-        "fields": {
-            "categorical": len(fmap.categorical),
-            "numeric": len(fmap.numeric),
-            "sequence": len(fmap.sequence),
-        },
+        **_describe(splits, fmap),
         "encoders": encoders.state(),
         "options": {**asdict(options), "seed": seed, "split": settings["split"]},
     }
@@ -157,9 +145,7 @@ def load_dataset(
     return Dataset(fmap, splits["train"], splits["valid"], splits["test"], report)
 
 
-def resolve_schema(
-    format: str, schema: Schema | dict[str, Any] | PathLike | None, first_file: Path
-) -> Schema:
+def resolve_schema(format: str, schema: Schema | dict[str, Any] | PathLike | None, first_file: Path) -> Schema:
     """The schema to read ``first_file`` with: given, built in, or the generator's sidecar file."""
     if isinstance(schema, Schema):
         return schema
@@ -219,6 +205,18 @@ def random_split(n: int, fractions: tuple[float, float, float], seed: int) -> di
         "test": perm[n_train + n_valid :],
     }
     return {k: np.sort(v) for k, v in parts.items()}
+
+
+def _describe(splits: dict[str, EncodedData], fmap: FeatureMap) -> dict[str, Any]:
+    """Split sizes, click rates, day count, vocabulary sizes and field counts for the report."""
+    last_days = [int(v.day.max()) for v in splits.values() if v.day is not None and len(v)]
+    return {
+        "split_sizes": {k: len(v) for k, v in splits.items()},
+        "label_mean": {k: float(v.label.mean()) if len(v) else None for k, v in splits.items()},
+        "days": max(last_days) + 1 if last_days else None,  # day indices start at 0
+        "vocab_sizes": {f.name: f.vocab_size for f in fmap.fields if f.kind != "numeric"},
+        "fields": {kind: len(getattr(fmap, kind)) for kind in ("categorical", "numeric", "sequence")},
+    }
 
 
 def _day_origin(tables: dict[str, RawTable], schema: Schema) -> int:
