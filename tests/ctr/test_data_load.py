@@ -156,3 +156,14 @@ def test_schema_errors_are_explicit(tmp_path: Path) -> None:
     bad.write_text('{"fields": [{"name": "a"}]}')
     with pytest.raises(ValueError, match=r"invalid schema in .*bad\.json"):
         Schema.load(bad)
+
+
+def test_hash_buckets_option_and_file_list(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    write_parquet(a, 600, seed=0)
+    write_parquet(b, 400, seed=1)
+    ds = load_dataset([a, b], "parquet", hash_buckets=100, use_cache=False)
+    assert ds.report["rows_read"] == 1000 and ds.report["split_sizes"]["train"] == 800
+    assert ds.report["vocab_sizes"] == {"row": 102, "small": 5}  # only the big field is hashed
+    assert ds.report["encoders"]["row"] == {"type": "hashed", "size": 102, "buckets": 100}
+    assert (ds.test.categorical[:, 0] >= 2).all()  # hashing has no OOV: unseen tokens get a bucket
