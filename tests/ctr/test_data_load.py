@@ -167,3 +167,20 @@ def test_hash_buckets_option_and_file_list(tmp_path: Path) -> None:
     assert ds.report["vocab_sizes"] == {"row": 102, "small": 5}  # only the big field is hashed
     assert ds.report["encoders"]["row"] == {"type": "hashed", "size": 102, "buckets": 100}
     assert (ds.test.categorical[:, 0] >= 2).all()  # hashing has no OOV: unseen tokens get a bucket
+
+
+def test_avazu_load_dataset_days_and_fields(tmp_path: Path) -> None:
+    from meda.ctr.schema import AVAZU_CATEGORICAL
+
+    rng = np.random.default_rng(0)
+    lines = [",".join(["id", "click", "hour", *AVAZU_CATEGORICAL])]
+    for i in range(200):
+        hour = f"1410{21 + i % 3}{i % 24:02d}"
+        lines.append(",".join([str(i), str(i % 2), hour, *(f"v{rng.integers(0, 4)}" for _ in AVAZU_CATEGORICAL)]))
+    path = tmp_path / "avazu.csv"
+    path.write_text("\n".join(lines) + "\n")
+    ds = load_dataset(path, "avazu", use_cache=False)
+    names = [f.name for f in ds.feature_map.categorical]
+    assert names[:3] == ["hour_of_day", "weekday", "C1"] and len(names) == 23
+    assert ds.report["days"] == 3 and sorted(np.unique(ds.train.day).tolist()) == [0, 1, 2]
+    assert ds.report["vocab_sizes"]["weekday"] == 2 + 3 and ds.report["vocab_sizes"]["hour_of_day"] == 2 + 24
