@@ -15,14 +15,14 @@ from meda.ctr import synthetic
 from meda.ctr.data import load_dataset
 from meda.ctr.experiment import run_modes, summary_table
 from meda.ctr.train import TrainConfig
-from meda.report import bar_chart, console, print_table
+from meda.report import console, print_table
 
 DEMO_MODES = ("one-epoch", "multi-epoch", "meda")
 
 
 def run_demo(
-    rows: int = 300_000,
-    epochs: int = 3,
+    rows: int = 400_000,
+    epochs: int = 4,
     cardinality: int | None = 50_000,
     seed: int = 0,
     out: str | Path | None = None,
@@ -51,7 +51,6 @@ def run_demo(
     )
     columns, rows_ = summary_table(results)
     print_table("test AUC per epoch (best epoch chosen on validation)", columns, rows_)
-    bar_chart("test AUC at the best validation epoch", list(results), [r["best"]["test_auc"] for r in results.values()])
     one = results["one-epoch"]["best"]["test_auc"]
     meda = results["meda"]["best"]["test_auc"]
     console.print(f"meda vs one-epoch: {meda - one:+.4f} test AUC; total {time.time() - start:.0f} s")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -54,16 +53,15 @@ def run_modes(
 
 
 def summary_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows: per mode the best-validation epoch, its test AUC, the highest test AUC
-    and the test AUC of every epoch."""
+    """Columns and rows: per mode the best-validation epoch (``best ep``), its test AUC
+    (``AUC@best``), the highest test AUC of any epoch and the test AUC of every epoch."""
     n = max(len(r["epochs"]) for r in results.values())
-    columns = ["mode", "best epoch", "test AUC @best", "max test AUC"]
-    columns += [f"AUC e{e}" for e in range(1, n + 1)]
+    columns = ["mode", "best ep", "AUC@best", "max AUC", *(f"ep {e}" for e in range(1, n + 1))]
     rows = []
     for mode, r in results.items():
         aucs = [e["test_auc"] for e in r["epochs"]]
         best = r["best"]
-        padded = aucs + [math.nan] * (n - len(aucs))
+        padded = aucs + ["-"] * (n - len(aucs))
         rows.append([mode, best["epoch"], best["test_auc"], max(aucs), *padded])
     return columns, rows
 
