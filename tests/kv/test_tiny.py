@@ -29,7 +29,7 @@ def generate(tiny, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
 @pytest.mark.parametrize(("family", "video"), CASES, ids=[f + ("-video" if v else "") for f, v in CASES])
 def test_padded_batch_matches_batch_one(family: str, video: bool, attn: str) -> None:
     """Every row of a left-padded batch of 3 generates exactly the tokens of its prompt alone (fp32)."""

@@ -266,7 +266,8 @@ def _text_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _qwen_vl_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    text = _text(family, overrides)
+    """Qwen2-VL / Qwen2.5-VL: M-RoPE decoder and a two-block vision tower (Qwen2.5: windowed + one full block)."""
+    text = _text(f"{family}_text", overrides)
     half = text["head_dim"] // 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _thirds(half)}
     vision = {
@@ -300,6 +301,7 @@ def _thirds(half: int) -> list[int]:
 
 
 def _llava_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-1.5: llama decoder, CLIP tower (CLS dropped by the "default" feature strategy)."""
     return {
         "text_config": _text("llama", overrides),
         "vision_config": {
@@ -318,6 +320,7 @@ def _llava_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _onevision_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-OneVision: qwen2 decoder, SigLIP tower (no CLS, "full" strategy), anyres crop grids up to 3x3."""
     side = 32
     return {
         "text_config": _text("qwen2", overrides),
