@@ -190,7 +190,7 @@ def _as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         empty = pc.equal(text, "")
         ok = pc.or_(pc.match_substring_regex(text, _NUMBER), empty)
         ok_np = ok.to_numpy(zero_copy_only=False).astype(bool)
-        clean = pc.if_else(pc.or_(empty, pc.invert(ok)), pa.scalar(None, pa.string()), text)
+        clean = pc.if_else(pc.or_(empty, pc.invert(ok)), pa.scalar(None, text.type), text)
         values = pc.cast(clean, pa.float64()).to_numpy(zero_copy_only=False)
         return np.asarray(values, dtype=np.float64), ok_np
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
