@@ -42,7 +42,7 @@ def test_single_mode_writes_the_metrics_contract(data_file: Path, tmp_path: Path
     assert metrics["config"]["model"] == "deepfm" and metrics["config"]["mode"] == "meda"
     assert "skipped_rows" in json.dumps(metrics["data"])
     assert (tmp_path / "checkpoint.pt").exists()
-    assert "test AUC per epoch" in result.output
+    assert "metrics per epoch" in result.output and "best epoch (by valid_auc)" in result.output
 
 
 def test_several_modes_go_to_subfolders_with_a_summary_and_plot(data_file: Path, tmp_path: Path) -> None:

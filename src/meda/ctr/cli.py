@@ -150,7 +150,7 @@ def train(
     go to OUT/<mode>/metrics.json with OUT/summary.json and, with --plot, OUT/test_auc.png.
     """
     from meda.ctr.data import load_dataset
-    from meda.ctr.experiment import parse_modes, run_modes, summary_table
+    from meda.ctr.experiment import epoch_table, parse_modes, run_modes, summary_table
     from meda.ctr.train import TrainConfig
     from meda.report import console, print_json, print_table
 
@@ -179,8 +179,12 @@ def train(
     if json_out:
         print_json(results if len(modes) > 1 else results[modes[0]])
         return
-    columns, rows = summary_table(results)
-    print_table(f"{model}: test AUC per epoch", columns, rows)
+    if len(modes) == 1:
+        payload = results[modes[0]]
+        print_table(f"{model}, {modes[0]}: metrics per epoch", *epoch_table(payload))
+        console.print(f"best epoch (by {monitor}): {payload['best']['epoch']}")
+    else:
+        print_table(f"{model}: test AUC per epoch", *summary_table(results))
     skipped = dataset.report.get("skipped_rows") or {}
     if skipped:
         console.print(f"skipped rows: {skipped}")

@@ -66,6 +66,16 @@ def summary_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[l
     return columns, rows
 
 
+def epoch_table(payload: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of one run: validation and test AUC/logloss per epoch (and the
+    progressive AUC of meda-continual chunks)."""
+    keys = ["valid_auc", "valid_logloss", "test_auc", "test_logloss"]
+    if any("progressive_auc" in e for e in payload["epochs"]):
+        keys.append("progressive_auc")
+    rows = [[e["epoch"], *(e.get(k, "-") for k in keys)] for e in payload["epochs"]]
+    return ["epoch", *keys], rows
+
+
 def plot_test_auc(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     """Write a PNG of test AUC per epoch, one line per mode."""
     import matplotlib
