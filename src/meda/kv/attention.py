@@ -14,12 +14,16 @@ import sys
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 SESSION_ATTR = "_meda_session"
 BASES = ("sdpa", "eager")
+# On CUDA, layers of a compressed cache differ in length and grow every step; backends that build a
+# plan per shape (cuDNN attention) then re-plan at every layer of every step. These do not.
+SHAPE_AGNOSTIC_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def wrapped_name(base: str) -> str:
@@ -38,8 +42,12 @@ def _make(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         stock = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
         session = getattr(module, SESSION_ATTR, None)
-        if session is not None:
-            attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
+        if session is None:
+            return stock(module, query, key, value, attention_mask, **kwargs)
+        attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
+        if base == "sdpa" and query.is_cuda:
+            with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS):
+                return stock(module, query, key, value, attention_mask, **kwargs)
         return stock(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{wrapped_name(base)}_attention_forward"

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from meda.kv.cache import cache_bytes
 from meda.kv.compress import compress
+from meda.kv.report import CompressionReport
 from meda.kv.tiny import build_shaped
 from meda.report import human_bytes, print_table
 
@@ -81,13 +84,15 @@ def run_bench(
     inputs = long_vlm_prompt(model.config, tokens, image_side, "cuda")
     rows = []
     for method in methods:
-        for budget in [1.0] if method == "full" else budgets:
+        for budget in [1.0] if method in ("full", "stock") else budgets:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             clock = _StepClock()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.inference_mode(), compress(model, method=method, budget=budget) as report:
+            # "stock": transformers alone, no session (the baseline every method is compared with)
+            session = nullcontext(None) if method == "stock" else compress(model, method=method, budget=budget)
+            with torch.inference_mode(), session as report:
                 out = model.generate(
                     **inputs,
                     max_new_tokens=decode_tokens,
@@ -98,6 +103,9 @@ def run_bench(
                 )
                 held = torch.cuda.memory_allocated() - weights  # cache (and outputs) still referenced
             steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+            if report is None:
+                report = CompressionReport(method="stock", budget=1.0, prefill_tokens=tokens)
+                report.kv_bytes_before = report.kv_bytes_after = cache_bytes(out.past_key_values)
             rows.append(
                 {
                     "method": method,

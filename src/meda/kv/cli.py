@@ -96,7 +96,7 @@ def run(
 def bench(
     preset: str = typer.Option("qwen2-vl-7b", help="Real model shape with random weights: qwen2-vl-7b, qwen2.5-vl-7b."),
     tokens: int = typer.Option(32768, min=64, help="Prompt length in tokens (text around one image)."),
-    methods: str = typer.Option("full,snapkv,meda", help=f"Comma list of methods: {METHOD_HELP}."),
+    methods: str = typer.Option("full,snapkv,meda", help=f"Comma list: {METHOD_HELP}, or stock (no session)."),
     budgets: str = typer.Option("0.2", help="Comma list of kept fractions, e.g. 0.1,0.2."),
     decode_tokens: int = typer.Option(16, min=2, help="Tokens decoded per run (timed per token)."),
     image_side: int = typer.Option(64, min=2, help="Image grid side in patches (tokens = side^2 / merge^2)."),
