@@ -31,7 +31,8 @@ def _train(data: Path, out: Path, *extra: str):
 
 
 def test_single_mode_writes_the_metrics_contract(data_file: Path, tmp_path: Path) -> None:
-    result = _train(data_file, tmp_path, "--model", "deepfm", "--mode", "meda", "--epochs", "2")
+    result = _train(data_file, tmp_path, "--model", "dcnv2", "--mode", "meda", "--epochs", "2",
+                    "--model-option", "structure=stacked", "--model-option", "cross_layers=2")  # fmt: skip
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
@@ -39,7 +40,8 @@ def test_single_mode_writes_the_metrics_contract(data_file: Path, tmp_path: Path
         assert {"valid_auc", "valid_logloss", "test_auc", "test_logloss"} <= set(e)
         assert 0.0 <= e["test_auc"] <= 1.0
     assert metrics["best"]["epoch"] in (1, 2)
-    assert metrics["config"]["model"] == "deepfm" and metrics["config"]["mode"] == "meda"
+    assert metrics["config"]["model"] == "dcnv2" and metrics["config"]["mode"] == "meda"
+    assert metrics["config"]["model_options"] == {"structure": "stacked", "cross_layers": 2}
     assert "skipped_rows" in json.dumps(metrics["data"])
     assert (tmp_path / "checkpoint.pt").exists()
     assert "metrics per epoch" in result.output and "best epoch (by valid_auc)" in result.output
@@ -67,6 +69,8 @@ def test_json_output_is_machine_readable(data_file: Path, tmp_path: Path) -> Non
         (("--mode", "meda,two-epoch"), "unknown mode 'two-epoch'"),
         (("--epochs", "0"), "epochs must be >= 1"),
         (("--model", "gbdt"), "unknown model 'gbdt'"),
+        (("--model-option", "depth"), "is not KEY=VALUE"),
+        (("--model", "dcn", "--model-option", "depth=3"), "has no option"),
     ],
 )
 def test_bad_options_are_rejected_with_the_choices(data_file: Path, tmp_path: Path, extra, message) -> None:

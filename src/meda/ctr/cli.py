@@ -109,6 +109,9 @@ def train(
     hidden_units: str = typer.Option("256,128", help="MLP widths, comma-separated."),
     dropout: float = typer.Option(0.0, help="MLP dropout."),
     batch_norm: bool = typer.Option(False, help="Batch norm in the MLP."),
+    model_option: list[str] = typer.Option(
+        [], help="Model-specific option KEY=VALUE (repeatable), e.g. cross_layers=2, structure=stacked."
+    ),
     embedding_l2: float = typer.Option(0.0, help="L2 (weight decay) on embeddings."),
     net_l2: float = typer.Option(0.0, help="L2 (weight decay) on the network."),
     init: str = typer.Option("normal", help="Embedding init: normal (std --init-std) or uniform (+-std)."),
@@ -157,13 +160,14 @@ def train(
     try:
         modes = parse_modes(mode)
         units = tuple(int(u) for u in hidden_units.split(",") if u.strip())
+        options = dict(_key_value(o) for o in model_option)
         config = TrainConfig(
             model=model, mode=modes[0], epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
             embedding_l2=embedding_l2, net_l2=net_l2, embedding_dim=embedding_dim, hidden_units=units,
             dropout=dropout, batch_norm=batch_norm, init=init, init_std=init_std,
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
             serving=serving, chunks=chunks, monitor=monitor, patience=patience, seed=seed,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every, model_options=options,
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise typer.BadParameter(str(err)) from err
@@ -189,3 +193,16 @@ def train(
     if skipped:
         console.print(f"skipped rows: {skipped}")
     console.print(f"wrote {out}")
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``"cross_layers=2"`` -> ``("cross_layers", 2)``; values are read as JSON when they parse."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"model option {text!r} is not KEY=VALUE, e.g. --model-option cross_layers=2")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
