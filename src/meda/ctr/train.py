@@ -190,7 +190,7 @@ class Trainer:
             self._train_pass(pass_, on_step)
             p.pass_index, p.step = p.pass_index + 1, 0
             if pass_.closes_epoch:
-                self._close_epoch(pass_)
+                self._close_epoch()
             self._save()
         payload = self.payload()
         if self.out_dir is not None:
@@ -248,7 +248,7 @@ class Trainer:
             if on_step is not None:
                 on_step(p.global_step)
 
-    def _close_epoch(self, pass_: Pass) -> None:
+    def _close_epoch(self) -> None:
         p, cfg = self.progress, self.config
         valid_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.valid))
         test_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.test))
