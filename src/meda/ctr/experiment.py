@@ -82,11 +82,17 @@ def plot_test_auc(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode, r in results.items():
         epochs = [e["epoch"] for e in r["epochs"]]
-        ax.plot(epochs, [e["test_auc"] for e in r["epochs"]], marker="o", label=mode)
+        aucs = [e["test_auc"] for e in r["epochs"]]
+        if len(aucs) == 1:  # a single epoch (one-epoch): a level line to compare against
+            ax.axhline(aucs[0], linestyle="--", color="grey", label=f"{mode} ({aucs[0]:.4f})")
+        else:
+            ax.plot(epochs, aucs, marker="o", label=mode)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (chunk for meda-continual)")
     ax.set_ylabel("test AUC")
     model = next(iter(results.values()))["config"]["model"]
