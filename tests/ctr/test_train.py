@@ -179,3 +179,24 @@ def test_config_errors_name_the_problem(changes: dict, message: str) -> None:
 def test_unknown_optimizer_is_reported(dataset) -> None:
     with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'; choose one of adam"):
         Trainer(dataset, TrainConfig(optimizer="lbfgs"))
+
+
+def test_optimizer_has_separate_embedding_and_network_l2(dataset) -> None:
+    cfg = TrainConfig(optimizer="adam", embedding_l2=1e-5, net_l2=1e-3, **FAST)
+    trainer = Trainer(dataset, cfg)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert groups["embedding"]["weight_decay"] == 1e-5 and groups["network"]["weight_decay"] == 1e-3
+    emb_ids = {id(p) for p in groups["embedding"]["params"]}
+    assert {id(p) for p in trainer.model.embedding.parameters()} <= emb_ids
+    assert not emb_ids & {id(p) for p in trainer.model.mlp.parameters()}
+
+
+def test_serving_policies() -> None:
+    from meda.ctr.continual import serve
+
+    per_group = [np.array([0.0, 1.0]), np.array([2.0, 3.0]), np.array([4.0, -1.0])]
+    assert serve(per_group, "last", best=0).tolist() == [4.0, -1.0]
+    assert serve(per_group, "best", best=1).tolist() == [2.0, 3.0]
+    assert serve(per_group, "ensemble", best=0).tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match="unknown serving policy"):
+        serve(per_group, "vote", best=0)
