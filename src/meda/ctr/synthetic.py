@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {
             "criteo",
             "Criteo layout: 13 count features + 26 categorical fields with Criteo-like cardinalities",
             tuple(
-                IdField(name, card, 1.1, True)
+                IdField(name, card, 1.3, True)
                 for name, card in zip(CRITEO_CATEGORICAL, _CRITEO_CARDINALITIES, strict=True)
             ),
             n_numeric=13,
