@@ -177,9 +177,7 @@ def _check_and_type(table: pa.Table, schema: Schema, path: Path) -> RawTable:
         columns[schema.group] = _as_string(table[schema.group]).filter(pa.array(keep))
     missing = [f.name for f in schema.fields if f.name not in columns]
     if missing:  # a derived name listed without the column it derives from
-        raise DataFormatError(
-            f"{path}: schema fields {missing} are neither columns nor derived; fix the schema"
-        )
+        raise DataFormatError(f"{path}: schema fields {missing} are neither columns nor derived; fix the schema")
     return RawTable(pa.table(columns), rows_read=n, skipped=skipped)
 
 
@@ -196,9 +194,7 @@ def _as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
         values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
         return np.asarray(values, dtype=np.float64), np.ones(len(col), dtype=bool)
-    raise DataFormatError(
-        f"column of type {col.type} cannot hold numbers; declare it categorical in the schema"
-    )
+    raise DataFormatError(f"column of type {col.type} cannot hold numbers; declare it categorical in the schema")
 
 
 def _as_string(col: pa.ChunkedArray) -> pa.Array:

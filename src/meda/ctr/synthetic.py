@@ -231,9 +231,7 @@ def write(table: pa.Table, out: str | Path, fmt: str, schema: Schema) -> list[Pa
     else:
         if fmt == "criteo":
             table = table.select(list(schema.columns or ()))
-        options = pacsv.WriteOptions(
-            include_header=schema.header, delimiter=schema.delimiter, quoting_style="none"
-        )
+        options = pacsv.WriteOptions(include_header=schema.header, delimiter=schema.delimiter, quoting_style="none")
         pacsv.write_csv(table, out, write_options=options)
     if fmt == "criteo":
         return [out]
@@ -248,9 +246,7 @@ def _check_criteo_layout(p: Preset) -> None:
         )
 
 
-def _sample_ids(
-    rng: np.random.Generator, f: IdField, rows: int, day: np.ndarray | None, drift: float
-) -> np.ndarray:
+def _sample_ids(rng: np.random.Generator, f: IdField, rows: int, day: np.ndarray | None, drift: float) -> np.ndarray:
     """Zipf-distributed IDs ``[rows]`` in ``[0, cardinality)``; rank -> ID is a random permutation."""
     ranks = np.arange(1, f.cardinality + 1, dtype=np.float64)
     cdf = np.cumsum(ranks**-f.zipf)
