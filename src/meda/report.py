@@ -30,7 +30,7 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], width:
     console.print(f"[bold]{title}[/bold]")
     pad = max((len(lbl) for lbl in labels), default=0)
     for lbl, v in zip(labels, values, strict=True):
-        n = int(round(width * v / top)) if math.isfinite(v) else 0
+        n = round(width * v / top) if math.isfinite(v) else 0
         console.print(f"  {lbl:>{pad}} {'█' * n}{' ' * (width - n)} {_fmt(v)}")
 
 
