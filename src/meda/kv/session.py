@@ -14,6 +14,7 @@ Lifecycle per ``generate`` call (or any forward that starts from an empty cache)
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -84,6 +85,8 @@ class CompressionSession:
         self._configs = _unique_configs(model, self.modules.values())
         self._saved_impl: dict[int, str] = {}
         self._handles: list = []
+        # the layers of the last compressed cache, weakly: a finished generation's cache is freed as usual
+        self._cache_layers: weakref.WeakValueDictionary[int, CompressedLayer] = weakref.WeakValueDictionary()
         self._reset_forward()
 
     # ---- attach / detach -------------------------------------------------------------
@@ -158,7 +161,7 @@ class CompressionSession:
         """
         idx = module.layer_idx
         q_len, k_len = query.shape[-2], key.shape[-2]
-        layer = self._cache_layers.get(idx) if hasattr(self, "_cache_layers") else None
+        layer = self._cache_layers.get(idx)
         if layer is not None and layer.keys is key:
             n_rep = query.shape[1] // key.shape[1]
             return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)
@@ -239,7 +242,7 @@ class CompressionSession:
         priority = groups.text if (r.text_priority and groups.source == "vision") else None
         rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
         rep.clipped = {}
-        self._cache_layers: dict[int, CompressedLayer] = {}
+        self._cache_layers = weakref.WeakValueDictionary()
         kept_per_layer, evicted, merged = [], 0, 0
         for li, idx in enumerate(layers):
             layer = cache.layers[idx]
