@@ -84,3 +84,23 @@ def test_help_teaches_the_modes() -> None:
     assert result.exit_code == 0
     for word in ("one-epoch", "multi-epoch", "meda-continual", "re-initialised", "--min-count"):
         assert word in result.output
+
+
+def test_resume_of_several_modes_continues_finished_ones_and_starts_the_rest(data_file: Path, tmp_path: Path) -> None:
+    first = _train(data_file, tmp_path, "--mode", "one-epoch", "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    (tmp_path / "one-epoch").mkdir()
+    for name in ("metrics.json", "checkpoint.pt"):
+        (tmp_path / name).rename(tmp_path / "one-epoch" / name)
+    before = json.loads((tmp_path / "one-epoch" / "metrics.json").read_text())["epochs"]
+    result = _train(data_file, tmp_path, "--mode", "one-epoch,meda", "--epochs", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "one-epoch" / "metrics.json").read_text())["epochs"] == before
+    assert len(json.loads((tmp_path / "meda" / "metrics.json").read_text())["epochs"]) == 2
+
+
+def test_resume_with_other_settings_is_a_clean_error(data_file: Path, tmp_path: Path) -> None:
+    assert _train(data_file, tmp_path, "--mode", "one-epoch").exit_code == 0
+    result = _train(data_file, tmp_path, "--mode", "one-epoch", "--lr", "0.01", "--resume")
+    assert result.exit_code == 2
+    assert "Invalid value for --resume: cannot resume" in result.output

@@ -152,6 +152,7 @@ def train(
     (--numeric log-bucket) help MEDA. Several modes (--mode one-epoch,multi-epoch,meda)
     go to OUT/<mode>/metrics.json with OUT/summary.json and, with --plot, OUT/test_auc.png.
     """
+    from meda.ctr.checkpoint import ResumeError
     from meda.ctr.data import load_dataset
     from meda.ctr.experiment import epoch_table, parse_modes, run_modes, summary_table
     from meda.ctr.train import TrainConfig
@@ -179,7 +180,10 @@ def train(
     except (OSError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="--data") from err
     log = None if json_out else (lambda line: console.print(line, highlight=False))
-    results = run_modes(dataset, modes, config, out, plot=plot, resume=resume, log=log)
+    try:
+        results = run_modes(dataset, modes, config, out, plot=plot, resume=resume, log=log)
+    except ResumeError as err:
+        raise typer.BadParameter(str(err), param_hint="--resume") from err
     if json_out:
         print_json(results if len(modes) > 1 else results[modes[0]])
         return

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from meda.ctr.checkpoint import CHECKPOINT_NAME
 from meda.ctr.modes import Mode
 from meda.ctr.train import DatasetLike, TrainConfig, train
 from meda.report import write_json
@@ -37,13 +38,16 @@ def run_modes(
     """Train ``config`` once per mode; returns ``{mode: metrics payload}``.
 
     One mode writes ``out_dir/metrics.json``; several write ``out_dir/<mode>/metrics.json``
-    plus ``out_dir/summary.json``. ``plot`` writes ``out_dir/test_auc.png``.
+    plus ``out_dir/summary.json``. ``plot`` writes ``out_dir/test_auc.png``. With ``resume``
+    every mode continues from its checkpoint (modes not reached yet start from scratch).
     """
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, dict[str, Any]] = {}
     for mode in modes:
         run_dir = out if out is None or len(modes) == 1 else out / mode
-        results[mode] = train(dataset, replace(config, mode=mode), run_dir, resume=resume, log=log)
+        # resuming several modes: those that never started (no checkpoint yet) start afresh
+        started = run_dir is not None and (len(modes) == 1 or (run_dir / CHECKPOINT_NAME).exists())
+        results[mode] = train(dataset, replace(config, mode=mode), run_dir, resume=resume and started, log=log)
     if out is not None and len(modes) > 1:
         columns, rows = summary_table(results)
         write_json(out / "summary.json", {"columns": columns, "rows": rows, "data": dataset.report})

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from meda.ctr.batches import iterate_batches, split_by_day, split_into_chunks
-from meda.ctr.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from meda.ctr.checkpoint import CHECKPOINT_NAME, ResumeError, load_checkpoint, save_checkpoint
 from meda.ctr.continual import SERVING, EmbeddingGroups, serve
 from meda.ctr.embedding import EmbeddingInit
 from meda.ctr.features import EncodedData, FeatureMap
@@ -348,7 +348,7 @@ class Trainer:
 
     def _load(self) -> None:
         if self.out_dir is None:
-            raise ValueError("resume needs an output folder holding the checkpoint")
+            raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
         ignore = {"checkpoint_every"}
         saved = {k: v for k, v in state["config"].items() if k not in ignore}
@@ -356,7 +356,7 @@ class Trainer:
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
         if diff or state["train_rows"] != len(self.dataset.train):
             what = f"settings {diff}" if diff else "the training data"
-            raise ValueError(
+            raise ResumeError(
                 f"cannot resume from {self.out_dir}: {what} differ from the checkpointed run; "
                 "use the same settings and data, or a new --out folder"
             )
