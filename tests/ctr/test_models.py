@@ -46,9 +46,7 @@ def test_every_model_gives_one_logit_per_row_and_backpropagates(name: str) -> No
     assert torch.isfinite(logits).all()
     logits.sum().backward()
     assert model.embedding_layers(), "MEDA needs to find the embedding layers"
-    assert all(
-        p.grad is not None for layer in model.embedding_layers().values() for p in layer.categorical.values()
-    )
+    assert all(p.grad is not None for layer in model.embedding_layers().values() for p in layer.categorical.values())
 
 
 def test_embedding_layer_shapes_and_sequence_mean_pooling() -> None:
@@ -103,9 +101,7 @@ def test_registry_errors_name_the_problem_and_the_choices() -> None:
 
 
 def test_mlp_options_are_applied() -> None:
-    model = build_model(
-        "dnn", feature_map(), embedding_dim=4, hidden_units=(16, 8), dropout=0.2, batch_norm=True
-    )
+    model = build_model("dnn", feature_map(), embedding_dim=4, hidden_units=(16, 8), dropout=0.2, batch_norm=True)
     kinds = [type(m).__name__ for m in model.mlp]
     assert kinds == [
         "Linear",
