@@ -200,3 +200,9 @@ def test_serving_policies() -> None:
     assert serve(per_group, "ensemble", best=0).tolist() == [2.0, 1.0]
     with pytest.raises(ValueError, match="unknown serving policy"):
         serve(per_group, "vote", best=0)
+
+
+def test_continual_without_days_uses_ordered_chunks() -> None:
+    data = learnable_dataset(rows=1500)
+    result = train(data, TrainConfig(mode="meda-continual", epochs=1, chunks=3, **FAST))
+    assert [(e["chunk"], e["rows"]) for e in result["epochs"]] == [(0, 400), (1, 400), (2, 400)]
