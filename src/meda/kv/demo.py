@@ -15,15 +15,17 @@ _FACTS = [
 _KEY_FACT = "The keeper of the lighthouse in Vell is a woman named Marta."
 
 
+def filler_context(paragraphs: int, fact: str, depth: float = 0.5) -> str:
+    """``paragraphs`` paragraphs of plausible filler with ``fact`` inserted at ``depth`` (0 = start, 1 = end)."""
+    body = [" ".join(_FACTS[(i + j) % len(_FACTS)] for j in range(len(_FACTS))) for i in range(paragraphs)]
+    body.insert(round(depth * paragraphs), fact)
+    return "\n\n".join(body)
+
+
 def demo_prompt(paragraphs: int = 12) -> str:
     """A long context with one key fact in the middle and a question at the end."""
-    body = []
-    for i in range(paragraphs):
-        body.append(" ".join(_FACTS[(i + j) % len(_FACTS)] for j in range(len(_FACTS))))
-        if i == paragraphs // 2:
-            body.append(_KEY_FACT)
-    context = "\n\n".join(body)
     question = "Who is the keeper of the lighthouse in Vell?"
+    context = filler_context(paragraphs, _KEY_FACT)
     return f"Read the text and answer the question.\n\n{context}\n\nQuestion: {question}"
 
 
