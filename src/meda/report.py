@@ -31,7 +31,8 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float], width:
     pad = max((len(lbl) for lbl in labels), default=0)
     for lbl, v in zip(labels, values, strict=True):
         n = round(width * v / top) if math.isfinite(v) else 0
-        console.print(f"  {lbl:>{pad}} {'█' * n}{' ' * (width - n)} {_fmt(v)}")
+        shown = int(v) if math.isfinite(v) and float(v).is_integer() else v
+        console.print(f"  {lbl:>{pad}} {'█' * n}{' ' * (width - n)} {_fmt(shown)}")
 
 
 def human_bytes(n: float) -> str:
