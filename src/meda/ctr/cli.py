@@ -173,10 +173,11 @@ def train(
     except (ValueError, TypeError) as err:
         raise typer.BadParameter(str(err)) from err
     try:
-        dataset = load_dataset(
-            data, format, schema=schema, valid=valid, test=test, cache_dir=cache_dir, use_cache=use_cache,
-            min_count=min_count, seed=seed, numeric=numeric,
-        )  # fmt: skip
+        with console.status(f"reading and encoding {data} (cached after the first run) ...", spinner="dots"):
+            dataset = load_dataset(
+                data, format, schema=schema, valid=valid, test=test, cache_dir=cache_dir, use_cache=use_cache,
+                min_count=min_count, seed=seed, numeric=numeric,
+            )  # fmt: skip
     except (OSError, ValueError) as err:
         raise typer.BadParameter(str(err), param_hint="--data") from err
     log = None if json_out else (lambda line: console.print(line, highlight=False))
