@@ -219,3 +219,23 @@ def test_context_manager_restores_the_model() -> None:
         assert t.model.config._attn_implementation.startswith("meda_")
     assert t.model.config._attn_implementation == before
     assert not t.model._forward_hooks and not t.model._forward_pre_hooks
+
+
+def test_beam_search_and_sampling_through_a_compressed_cache() -> None:
+    """Beam search reorders cache rows (and their key masks); sampling takes the same path as greedy."""
+    t = tiny("qwen2")
+    inputs = t.inputs(2)
+    with torch.inference_mode():
+        ref = t.model.generate(**inputs, max_new_tokens=5, num_beams=3, do_sample=False)
+        with compress(t.model, "meda", 1.0):
+            out = t.model.generate(**inputs, max_new_tokens=5, num_beams=3, do_sample=False)
+        assert torch.equal(out, ref)
+        with compress(t.model, "meda", 0.3) as report:
+            out = t.model.generate(**inputs, max_new_tokens=5, num_beams=3, do_sample=False)
+        assert out.shape == ref.shape and report.kept_fraction == pytest.approx(0.3, abs=0.02)
+        torch.manual_seed(0)
+        ref = t.model.generate(**inputs, max_new_tokens=5, do_sample=True)
+        with compress(t.model, "snapkv", 1.0):
+            torch.manual_seed(0)
+            out = t.model.generate(**inputs, max_new_tokens=5, do_sample=True)
+        assert torch.equal(out, ref)
