@@ -206,3 +206,22 @@ def test_continual_without_days_uses_ordered_chunks() -> None:
     data = learnable_dataset(rows=1500)
     result = train(data, TrainConfig(mode="meda-continual", epochs=1, chunks=3, **FAST))
     assert [(e["chunk"], e["rows"]) for e in result["epochs"]] == [(0, 400), (1, 400), (2, 400)]
+
+
+def test_device_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        TrainConfig(device="tpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            TrainConfig(device="cuda")
+    assert TrainConfig(device="auto").device == "auto"
+
+
+@pytest.mark.gpu
+def test_cuda_training_matches_cpu_closely(tmp_path) -> None:
+    """Same seed on CPU and GPU: the same init and batches, so metrics agree up to float noise."""
+    data = learnable_dataset()
+    cpu = train(data, TrainConfig(mode="meda", epochs=2, device="cpu"))
+    gpu = train(data, TrainConfig(mode="meda", epochs=2, device="cuda"))
+    for a, b in zip(cpu["epochs"], gpu["epochs"], strict=True):
+        assert a["test_auc"] == pytest.approx(b["test_auc"], abs=5e-3)

@@ -125,6 +125,7 @@ def train(
     monitor: str = typer.Option("valid_auc", help="Metric for the best epoch / early stopping."),
     patience: int | None = typer.Option(None, help="Stop after this many epochs without improvement."),
     seed: int = typer.Option(0, help="Seed of the split, init, shuffling and re-initialisations."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (CUDA when available)."),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
@@ -168,7 +169,7 @@ def train(
             dropout=dropout, batch_norm=batch_norm, init=init, init_std=init_std,
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
             serving=serving, chunks=chunks, monitor=monitor, patience=patience, seed=seed,
-            checkpoint_every=checkpoint_every, model_options=options,
+            checkpoint_every=checkpoint_every, model_options=options, device=device,
         )  # fmt: skip
     except (ValueError, TypeError) as err:
         raise typer.BadParameter(str(err)) from err

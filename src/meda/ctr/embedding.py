@@ -43,12 +43,22 @@ class EmbeddingInit:
             raise ValueError(f"embedding init std must be > 0, got {self.std}")
 
     def fill_(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Overwrite ``tensor`` in place with a fresh draw."""
+        """Overwrite ``tensor`` in place with a fresh draw.
+
+        The draw happens on the generator's device (CPU generators are seeded the same way
+        whatever device trains), then is copied into ``tensor``: the same seed gives the same
+        tables on CPU and GPU.
+        """
         with torch.no_grad():
+            target = tensor
+            if generator is not None and generator.device != tensor.device:
+                target = torch.empty(tensor.shape, dtype=tensor.dtype, device=generator.device)
             if self.kind == "normal":
-                tensor.normal_(0.0, self.std, generator=generator)
+                target.normal_(0.0, self.std, generator=generator)
             else:
-                tensor.uniform_(-self.std, self.std, generator=generator)
+                target.uniform_(-self.std, self.std, generator=generator)
+            if target is not tensor:
+                tensor.copy_(target)
 
 
 class FeatureEmbedding(nn.Module):

@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     eval_batch_size: int = 16384
+    device: str = "cpu"
     model_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0 (0 = only at the end of each epoch)")
         self.hidden_units = tuple(self.hidden_units)
+        resolve_device(self.device)  # validates the name
 
 
 def build_model_options(config: TrainConfig) -> dict[str, Any]:
@@ -161,6 +163,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: CTRModel = build_model(config.model, dataset.feature_map, **build_model_options(config))
         self.groups = EmbeddingGroups(self.model, self.mode.groups(config.epochs), config.seed)
+        self.device = resolve_device(config.device)
+        self.model.to(self.device)
+        self.groups.to(self.device)
         self.optimizer = build_optimizer(
             config.optimizer,
             self.groups.parameters(),
@@ -236,7 +241,8 @@ class Trainer:
             disable=not _show_progress(),
         )
         self.model.train()
-        for batch in bar:
+        for cpu_batch in bar:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
             self.optimizer.zero_grad(set_to_none=True)
             loss = F.binary_cross_entropy_with_logits(self.model(batch), batch["label"])
             loss.backward()
@@ -287,7 +293,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         out = [
-            self.model(b).double().numpy()
+            self.model({k: v.to(self.device) for k, v in b.items()}).double().cpu().numpy()
             for b in iterate_batches(data, self.config.eval_batch_size, shuffle=False, seed=0)
         ]
         self.model.train(was_training)
@@ -342,6 +348,7 @@ class Trainer:
                 "active_group": self.groups.active,
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "progress": asdict(self.progress),
             },
         )
@@ -365,6 +372,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.progress = Progress(**state["progress"])
 
 
@@ -380,6 +389,21 @@ def train(
     """Train ``config.model`` in ``config.mode`` on ``dataset``; returns the ``metrics.json`` payload
     (also written to ``out_dir/metrics.json`` when ``out_dir`` is given)."""
     return Trainer(dataset, config, out_dir, log).fit(resume=resume, on_step=on_step)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available) as a device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA device is visible; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
 
 
 def _show_progress() -> bool:
