@@ -75,6 +75,7 @@ def run_bench(
     budgets: list[float],
     decode_tokens: int = 16,
     image_side: int = 64,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("meda kv bench measures GPU speed and memory; no CUDA device is visible")
@@ -91,7 +92,8 @@ def run_bench(
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             # "stock": transformers alone, no session (the baseline every method is compared with)
-            session = nullcontext(None) if method == "stock" else compress(model, method=method, budget=budget)
+            opts = {} if method == "full" else options or {}
+            session = nullcontext(None) if method == "stock" else compress(model, method, budget, **opts)
             with torch.inference_mode(), session as report:
                 out = model.generate(
                     **inputs,
@@ -129,6 +131,7 @@ def run_bench(
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "weights_bytes": weights,
+        "options": options or {},
         "runs": rows,
     }
 

@@ -100,6 +100,9 @@ def bench(
     budgets: str = typer.Option("0.2", help="Comma list of kept fractions, e.g. 0.1,0.2."),
     decode_tokens: int = typer.Option(16, min=2, help="Tokens decoded per run (timed per token)."),
     image_side: int = typer.Option(64, min=2, help="Image grid side in patches (tokens = side^2 / merge^2)."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="Recipe override for every compressed run, e.g. -o entropy_queries=1024."
+    ),
     out: Path = typer.Option(None, help="Folder for results.json (optional)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
@@ -114,6 +117,7 @@ def bench(
         [float(b) for b in budgets.split(",") if b.strip()],
         decode_tokens=decode_tokens,
         image_side=image_side,
+        options=parse_options(option),
     )
     if out is not None:
         write_json(out / "results.json", result)
