@@ -239,3 +239,36 @@ def test_beam_search_and_sampling_through_a_compressed_cache() -> None:
             torch.manual_seed(0)
             out = t.model.generate(**inputs, max_new_tokens=5, do_sample=True)
         assert torch.equal(out, ref)
+
+
+def test_merge_targets_scored_leaves_recent_window_unmerged_on_llama() -> None:
+    """merge_targets="scored": recent-window pairs stay exactly the prefill's; "all" (the default) merges into them."""
+    from meda.kv.recipes import resolve_recipe
+
+    assert all(r is None or r.merge_targets == "all" for r in METHODS.values())
+    with pytest.raises(ValueError, match="merge_targets"):
+        resolve_recipe("meda", merge_targets="window")
+    t = tiny("llama")
+    inputs = t.inputs(1, lengths=[96])
+    full = DynamicCache(config=t.model.config)
+    with torch.inference_mode():
+        t.model(**inputs, past_key_values=full, use_cache=True)
+    window = 8
+    tails = {}
+    for targets in ("scored", "all"):
+        cache = DynamicCache(config=t.model.config)
+        with (
+            torch.inference_mode(),
+            compress(t.model, method="h2o", budget=0.3, merge="average", recent_window=window, merge_targets=targets),
+        ):
+            t.model(**inputs, past_key_values=cache, use_cache=True)
+        tails[targets] = []
+        for layer, ref in zip(cache.layers, full.layers, strict=True):
+            count = int(layer.key_mask[0, 0].sum())
+            assert bool(layer.key_mask[0].all())  # uniform budget: every head keeps `count`
+            same = torch.equal(layer.keys[..., count - window : count, :], ref.keys[..., -window:, :]) and torch.equal(
+                layer.values[..., count - window : count, :], ref.values[..., -window:, :]
+            )
+            tails[targets].append(same)
+    assert all(tails["scored"])
+    assert not all(tails["all"])

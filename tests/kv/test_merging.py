@@ -5,19 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meda.kv.merging import merge_evicted
+from meda.kv.merging import merge_evicted, scored_targets
 from meda.kv.selection import Selection, gather_kv, select_indices
 
 
-def reference_merge(keys, values, selection, valid, mode, scores=None):
-    """Assign each evicted valid token to its most key-cosine-similar kept slot, then combine per mode."""
+def reference_merge(keys, values, selection, valid, mode, scores=None, targets=None):
+    """Assign each evicted valid token to its most key-cosine-similar kept slot (only slots in ``targets``
+    when given), then combine per mode."""
     keys, values = keys.double(), values.double()
     out_k, out_v = (x.double().clone() for x in gather_kv(keys, values, selection))
     batch, heads, n, _ = keys.shape
     for b in range(batch):
         for h in range(heads):
-            slots = [s for s in range(selection.indices.shape[-1]) if selection.mask[b, h, s]]
-            kept = {int(selection.indices[b, h, s]) for s in slots}
+            kept = {
+                int(selection.indices[b, h, s]) for s in range(selection.indices.shape[-1]) if selection.mask[b, h, s]
+            }
+            slots = [
+                s
+                for s in range(selection.indices.shape[-1])
+                if selection.mask[b, h, s] and (targets is None or targets[b, h, s])
+            ]
             groups = {s: [] for s in slots}
             for j in range(n):
                 if not valid[b, j] or j in kept or not slots:
@@ -127,6 +134,50 @@ def test_errors():
         merge_evicted(keys, values, sel, valid, mode="weighted", scores=-scores)
     with pytest.raises(ValueError, match="valid must be"):
         merge_evicted(keys, values, sel, valid[:, :3])
+
+
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+@pytest.mark.parametrize("chunk", [1, 4096])
+def test_targets_match_loop_reference(mode, chunk):
+    keys, values, valid, scores, sel = make_case(seed=5)
+    gen = torch.Generator().manual_seed(7)
+    targets = torch.rand(sel.mask.shape, generator=gen) < 0.5
+    targets[0, 1] = False  # a head with no allowed slot: its evicted tokens are dropped
+    k, v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, targets=targets, chunk=chunk)
+    ref_k, ref_v = reference_merge(keys, values, sel, valid, mode, scores, targets=targets)
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), ref_k * mask)
+    torch.testing.assert_close((v * mask).double(), ref_v * mask)
+    gk, gv = gather_kv(keys, values, sel)
+    untouched = (sel.mask & ~targets)[..., None]
+    assert torch.equal(k * untouched, gk * untouched) and torch.equal(v * untouched, gv * untouched)
+    all_k, all_v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, chunk=chunk)
+    every = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, targets=sel.mask.clone(), chunk=chunk)
+    assert torch.equal(every[0], all_k) and torch.equal(every[1], all_v)
+
+
+def test_scored_targets_exclude_sinks_and_recent_window():
+    _, _, valid, scores, _ = make_case()
+    sel = select_indices(scores, torch.tensor([[8, 10], [6, 9], [3, 2]]), valid, sink_tokens=2, recent_window=3)
+    targets = scored_targets(sel, valid, sink_tokens=2, recent_window=3)
+    batch, heads, width = sel.indices.shape
+    for b in range(batch):
+        positions = [j for j in range(valid.shape[1]) if valid[b, j]]
+        protected = set(positions[:2]) | set(positions[-3:])
+        for h in range(heads):
+            for s in range(width):
+                expected = bool(sel.mask[b, h, s]) and int(sel.indices[b, h, s]) not in protected
+                assert bool(targets[b, h, s]) == expected, (b, h, s)
+    assert not targets[2].any()  # row 2 has 3 valid tokens, all protected
+    assert torch.equal(scored_targets(sel, valid), sel.mask)
+
+
+def test_bad_targets_are_refused():
+    keys, values, valid, _, sel = make_case()
+    with pytest.raises(ValueError, match="targets must be"):
+        merge_evicted(keys, values, sel, valid, targets=sel.mask.float())
+    with pytest.raises(ValueError, match="targets must be"):
+        merge_evicted(keys, values, sel, valid, targets=sel.mask[..., :1])
 
 
 @pytest.mark.gpu

@@ -9,9 +9,11 @@ merged group ``M`` (``n = |M|``):
 - ``weighted``: ``k' = (s k + sum_M s_m k_m) / (s + sum_M s_m)``, ``s`` the token scores; a group whose
   weights sum to 0 falls back to ``average``
 
-and the same for ``v``. Slots with nothing merged are returned unchanged, so with no evicted token the
-result equals :func:`meda.kv.selection.gather_kv` exactly. Evicted tokens are processed in chunks of
-``chunk`` positions: memory ``O(B x Hkv x chunk x K)``, never an ``[evicted x kept]`` map at once.
+and the same for ``v``. ``targets`` optionally restricts which kept slots may receive merges
+(:func:`scored_targets`: not the sink / recent-window slots). Slots with nothing merged are returned
+unchanged, so with no evicted token the result equals :func:`meda.kv.selection.gather_kv` exactly.
+Evicted tokens are processed in chunks of ``chunk`` positions: memory ``O(B x Hkv x chunk x K)``,
+never an ``[evicted x kept]`` map at once.
 """
 
 from __future__ import annotations
@@ -61,6 +63,20 @@ def _group_sums(
     return sum_k, sum_v, sum_w
 
 
+def scored_targets(selection: Selection, valid: Tensor, *, sink_tokens: int = 0, recent_window: int = 0) -> Tensor:
+    """``BoolTensor [B, Hkv, K]``: kept slots that are neither sinks nor in the recent window.
+
+    A slot is protected when its token is among the first ``sink_tokens`` or the last ``recent_window``
+    valid tokens of its row (the same rule as :func:`meda.kv.selection.select_indices`). Pass the result
+    as ``targets`` to :func:`merge_evicted` to merge evicted pairs only into slots kept for their score.
+    """
+    rank = valid.long().cumsum(dim=1) - 1  # [B, N] rank among valid tokens
+    n_valid = valid.sum(dim=1)[:, None, None]
+    slot_rank = rank[:, None].expand(-1, selection.indices.shape[1], -1).gather(-1, selection.indices)
+    protected = (slot_rank < sink_tokens) | (slot_rank >= n_valid - recent_window)
+    return selection.mask & ~protected
+
+
 def merge_evicted(
     keys: Tensor,
     values: Tensor,
@@ -69,6 +85,7 @@ def merge_evicted(
     *,
     mode: MergeMode = "average",
     scores: Tensor | None = None,
+    targets: Tensor | None = None,
     chunk: int = 4096,
 ) -> tuple[Tensor, Tensor]:
     """Kept pairs with the evicted pairs of their head merged in (see the module docstring).
@@ -78,6 +95,10 @@ def merge_evicted(
         selection: the kept slots (:func:`meda.kv.selection.select_indices`).
         mode: ``"average"``, ``"pivot"`` or ``"weighted"``.
         scores: ``[B, Hkv, N]`` non-negative, finite at valid tokens; required for ``"weighted"``.
+        targets: optional ``BoolTensor [B, Hkv, K]``: the kept slots allowed to receive evicted pairs
+            (default: every kept slot). Evicted tokens go to the most similar allowed slot; slots outside
+            ``targets`` are returned unchanged; a head with no allowed slot merges nothing (its evicted
+            tokens are dropped).
         chunk: evicted-candidate positions per step.
 
     Returns:
@@ -92,6 +113,12 @@ def merge_evicted(
     if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_tokens):
         raise ValueError(f"valid must be a bool tensor [{batch}, {n_tokens}]; got {valid.dtype} {tuple(valid.shape)}")
     slot_mask = selection.mask
+    if targets is not None:
+        if targets.dtype != torch.bool or targets.shape != slot_mask.shape:
+            raise ValueError(
+                f"targets must be a bool tensor {tuple(slot_mask.shape)}; got {targets.dtype} {tuple(targets.shape)}"
+            )
+        slot_mask = slot_mask & targets
     evicted = valid[:, None] & ~selection.token_mask(n_tokens) & slot_mask.any(dim=-1)[..., None]
     weights = [evicted.float()]
     if mode == "weighted":

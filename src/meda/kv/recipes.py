@@ -14,6 +14,7 @@ from typing import Literal
 Allocator = Literal["uniform", "pyramid", "entropy"]
 Scorer = Literal["recency", "cumulative", "window"]
 Merge = Literal["none", "average", "pivot", "weighted"]
+MergeTargets = Literal["all", "scored"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Recipe:
             (the report counts every clip).
         merge: what happens to evicted pairs: dropped (``none``) or merged into the most
             similar kept pair of the same head (``average``, ``pivot``, ``weighted``).
+        merge_targets: which kept pairs may receive merged ones: ``all`` (every kept pair; the
+            MEDA / LOOK-M papers, the default) or ``scored`` (not the ``sink_tokens`` and
+            ``recent_window`` pairs, only those kept for their score; on SmolLM2 the recent
+            window absorbing evicted pairs is what breaks generation, see docs/kv.md).
         window: observation window (queries) of the ``window`` scorer; also the length
             of the "question" group for text-only entropy.
         pool_kernel: max-pool width of the ``window`` scorer.
@@ -51,6 +56,7 @@ class Recipe:
     sink_tokens: int = 0
     recent_window: int = 0
     merge: Merge = "none"
+    merge_targets: MergeTargets = "all"
     window: int = 32
     pool_kernel: int = 7
     tau: float = 1.0
@@ -98,7 +104,7 @@ def resolve_recipe(method: str, **overrides: object) -> Recipe | None:
 
 
 def _validate(r: Recipe) -> None:
-    choices = {"allocator": Allocator, "scorer": Scorer, "merge": Merge}
+    choices = {"allocator": Allocator, "scorer": Scorer, "merge": Merge, "merge_targets": MergeTargets}
     for name, lit in choices.items():
         allowed = lit.__args__
         if getattr(r, name) not in allowed:

@@ -264,7 +264,14 @@ class CompressionSession:
             if r.merge == "none":
                 k, v = selection.gather_kv(layer.keys, layer.values, sel)
             else:
-                k, v = merging.merge_evicted(layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores)
+                targets = None
+                if r.merge_targets == "scored":
+                    targets = merging.scored_targets(
+                        sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window
+                    )
+                k, v = merging.merge_evicted(
+                    layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets
+                )
             kept = sel.mask.sum(-1).float()  # [B, Hkv]
             dropped = (n[:, None].float() - kept).clamp(min=0).mean(-1).sum()
             evicted += float(dropped)
