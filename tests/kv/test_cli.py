@@ -47,8 +47,23 @@ def test_kv_run_on_builtin_model_prints_json() -> None:
     prompt = "What is the capital of France? Answer in one word."
     result = runner.invoke(
         app,
-        ["kv", "run", "--model", "smollm2-135m", "--method", "meda", "--budget", "0.5", "--prompt", prompt,
-         "--max-new-tokens", "8", "--json", "--device", "cpu"],
+        [
+            "kv",
+            "run",
+            "--model",
+            "smollm2-135m",
+            "--method",
+            "meda",
+            "--budget",
+            "0.5",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "8",
+            "--json",
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output[result.output.index("{") :])
@@ -88,8 +103,25 @@ def test_kv_run_with_an_image_on_a_local_vlm_checkpoint(tmp_path) -> None:
     side = tiny.model.config.vision_config.image_size
     Image.new("RGB", (side, side), (120, 30, 200)).save(tmp_path / "img.png")
     prompt = " ".join(f"t{i}" for i in range(3, 60))
-    args = ["kv", "run", "--model", str(tmp_path / "llava"), "--image", str(tmp_path / "img.png"), "--prompt", prompt,
-            "--method", "meda", "--budget", "0.5", "--max-new-tokens", "3", "--json", "--device", "cpu"]
+    args = [
+        "kv",
+        "run",
+        "--model",
+        str(tmp_path / "llava"),
+        "--image",
+        str(tmp_path / "img.png"),
+        "--prompt",
+        prompt,
+        "--method",
+        "meda",
+        "--budget",
+        "0.5",
+        "--max-new-tokens",
+        "3",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])["report"]

@@ -230,56 +230,22 @@ class CompressionSession:
             rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
             rep.layer_fractions = [1.0] * len(self.modules)
             return
-        r = self.recipe
         groups = self._groups
-        valid = groups.valid
-        n = valid.sum(-1)  # [B]
+        n = groups.valid.sum(-1)  # [B]
         layers = list(self.modules)
-        fractions = self._allocate(layers, n)  # [L, B]
+        fractions, clipped_layers = self._allocate(layers, n)  # [L, B]
         counts = torch.stack(
             [allocation.fractions_to_counts(fractions[:, b], int(n[b]))[:, 0] for b in range(len(n))], dim=1
         )  # [L, B]
-        priority = groups.text if (r.text_priority and groups.source == "vision") else None
         rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
-        rep.clipped = {}
+        rep.clipped = {"layer_budget": clipped_layers} if clipped_layers else {}
         self._cache_layers = weakref.WeakValueDictionary()
-        kept_per_layer, evicted, merged = [], 0, 0
+        kept_per_layer, evicted, merged = [], 0.0, 0.0
         for li, idx in enumerate(layers):
-            layer = cache.layers[idx]
-            if getattr(layer, "is_sliding", False):
-                raise NotImplementedError(
-                    f"layer {idx} uses sliding-window attention; meda.kv compresses full-attention layers only"
-                )
-            keep = counts[li].to(valid.device)[:, None]  # [B, 1]
-            scores = self._scores[idx]
-            if r.head_budgets:
-                keep = allocation.head_budgets(scores, keep[:, 0], valid, floor_fraction=r.head_floor)
-            keep = keep.expand(-1, scores.shape[1])
-            # a budget below sinks + window keeps the latest tokens of the window only
-            if r.recent_window and int(keep.min()) < r.sink_tokens + r.recent_window:
-                rep.clipped["recent_window"] = rep.clipped.get("recent_window", 0) + 1
-            sel = selection.select_indices(
-                scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
-            )
-            if r.merge == "none":
-                k, v = selection.gather_kv(layer.keys, layer.values, sel)
-            else:
-                targets = None
-                if r.merge_targets == "scored":
-                    targets = merging.scored_targets(
-                        sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window
-                    )
-                k, v = merging.merge_evicted(
-                    layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets
-                )
-            kept = sel.mask.sum(-1).float()  # [B, Hkv]
-            dropped = (n[:, None].float() - kept).clamp(min=0).mean(-1).sum()
-            evicted += float(dropped)
-            merged += float(dropped) if r.merge != "none" else 0.0
-            kept_per_layer.append(float(kept.mean()))
-            new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
-            cache.layers[idx] = new
-            self._cache_layers[idx] = new
+            new, dropped, absorbed = self._compress_layer(idx, cache.layers[idx], counts[li], n)
+            cache.layers[idx] = self._cache_layers[idx] = new
+            kept_per_layer.append(float(new.key_mask.sum(-1).float().mean()))
+            evicted, merged = evicted + dropped, merged + absorbed
         rep.prefill_tokens = round(float(n.float().mean()))
         rep.layer_tokens = [round(t) for t in kept_per_layer]
         rep.layer_fractions = [float(f) for f in fractions.mean(-1)]
@@ -288,15 +254,57 @@ class CompressionSession:
         rep.merged_tokens = round(merged)
         rep.kv_bytes_after = cache_bytes(cache)
 
-    def _allocate(self, layers: list[int], n: torch.Tensor) -> torch.Tensor:
-        """Kept fraction per layer and batch row, ``[layers, batch]``."""
+    def _compress_layer(
+        self, idx: int, layer, counts: torch.Tensor, n: torch.Tensor
+    ) -> tuple[CompressedLayer, float, float]:
+        """Select (and merge) one layer; returns the new layer, evicted and merged token counts.
+
+        ``counts`` ``[B]``: tokens this layer keeps per row; ``n`` ``[B]``: valid prompt tokens.
+        Counts are summed over the batch and averaged over KV heads.
+        """
+        r, rep, groups = self.recipe, self.report, self._groups
+        valid = groups.valid
+        if getattr(layer, "is_sliding", False):
+            raise NotImplementedError(
+                f"layer {idx} uses sliding-window attention; meda.kv compresses full-attention layers only"
+            )
+        scores = self._scores[idx]
+        keep = counts.to(valid.device)[:, None]  # [B, 1]
+        if r.head_budgets:
+            keep = allocation.head_budgets(scores, keep[:, 0], valid, floor_fraction=r.head_floor)
+        keep = keep.expand(-1, scores.shape[1])
+        # a budget below sinks + window keeps the latest tokens of the window only
+        if r.recent_window and int(keep.min()) < r.sink_tokens + r.recent_window:
+            rep.clipped["recent_window"] = rep.clipped.get("recent_window", 0) + 1
+        priority = groups.text if (r.text_priority and groups.source == "vision") else None
+        sel = selection.select_indices(
+            scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
+        )
+        dropped = (n[:, None].float() - sel.mask.sum(-1).float()).clamp(min=0)  # [B, Hkv]
+        if r.merge == "none":
+            k, v = selection.gather_kv(layer.keys, layer.values, sel)
+            absorbed = torch.zeros_like(dropped)
+        else:
+            targets = sel.mask
+            if r.merge_targets == "scored":
+                targets = merging.scored_targets(sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window)
+            k, v = merging.merge_evicted(
+                layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets
+            )
+            absorbed = dropped * targets.any(-1)  # a head with no allowed target drops its evicted pairs
+        new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
+        return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
+
+    def _allocate(self, layers: list[int], n: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Kept fraction per layer and batch row ``[layers, batch]``, and how many layers the
+        allocator clamped to [alpha_min, 1] (most over the batch rows)."""
         r = self.recipe
         num_layers, batch = len(layers), len(n)
         if isinstance(self.budget, float):
             rho = [self.budget] * batch
         else:
             rho = [min(1.0, self.budget / max(int(nb), 1)) for nb in n]
-        cols = []
+        cols, clipped = [], 0
         for b in range(batch):
             if r.allocator == "entropy":
                 e = torch.stack([self._entropy[i][b] for i in layers]).float().cpu()
@@ -305,13 +313,9 @@ class CompressionSession:
                 res = allocation.pyramid_budgets(num_layers, rho[b], alpha_min=min(r.alpha_min, rho[b]))
             else:
                 res = allocation.uniform_budgets(num_layers, rho[b])
-            cols.append(_fractions(res))
-        return torch.stack(cols, dim=1)
-
-
-def _fractions(result) -> torch.Tensor:
-    """Accept a bare tensor or a result object with ``.fractions`` from the allocators."""
-    return getattr(result, "fractions", result).float().cpu()
+            cols.append(res.fractions.float().cpu())
+            clipped = max(clipped, res.clipped_layers)
+        return torch.stack(cols, dim=1), clipped
 
 
 def _unique_configs(model: torch.nn.Module, modules) -> list:
