@@ -285,3 +285,19 @@ def test_report_counts_clipped_layer_budgets_and_true_merges() -> None:
         greedy(t.model, t.inputs(1))
     # every kept slot of the 96-token prompt at 30% is a recent-window slot: nothing may absorb
     assert report.merged_tokens == 0 < report.evicted_tokens
+
+
+def test_query_subsets_bound_the_statistics_and_stay_exact_at_full_budget() -> None:
+    t = tiny("llava")
+    inputs = t.inputs(1)
+    ref = greedy(t.model, inputs).sequences
+    with compress(t.model, "meda", 1.0, score_queries=16, entropy_queries=16):
+        assert torch.equal(greedy(t.model, inputs).sequences, ref)
+    with compress(t.model, "meda", 0.3) as full_stats, torch.inference_mode():
+        t.model.generate(**inputs, max_new_tokens=1)
+    with compress(t.model, "meda", 0.3, score_queries=24, entropy_queries=24) as sampled, torch.inference_mode():
+        t.model.generate(**inputs, max_new_tokens=1)
+    assert sampled.layer_entropy != full_stats.layer_entropy  # fewer queries, other estimates
+    assert sum(sampled.layer_tokens) == pytest.approx(sum(full_stats.layer_tokens), abs=len(sampled.layer_tokens))
+    with pytest.raises(ValueError, match="score_queries"), compress(t.model, "meda", 0.3, score_queries=0):
+        pass

@@ -47,6 +47,9 @@ class Recipe:
         head_floor: AdaKV's share of a layer budget spread evenly over heads.
         entropy_queries: evaluate the entropy on at most this many evenly spaced queries
             (None = all queries, chunked; the paper's definition).
+        score_queries: sum the ``cumulative`` scores over at most this many evenly spaced
+            queries (None = all prompt queries, the paper's / H2O's score). Both are O(N^2)
+            over all queries; a few thousand queries make them O(N) for long prompts.
     """
 
     allocator: Allocator = "uniform"
@@ -63,6 +66,7 @@ class Recipe:
     alpha_min: float = 0.01
     head_floor: float = 0.2
     entropy_queries: int | None = None
+    score_queries: int | None = None
 
     @property
     def needs_entropy(self) -> bool:
@@ -118,5 +122,9 @@ def _validate(r: Recipe) -> None:
         raise ValueError(f"tau must be > 0, got {r.tau}")
     if not 0 < r.alpha_min <= 1:
         raise ValueError(f"alpha_min must be in (0, 1], got {r.alpha_min}")
+    for name in ("entropy_queries", "score_queries"):
+        value = getattr(r, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
     if not 0 <= r.head_floor <= 1:
         raise ValueError(f"head_floor must be in [0, 1], got {r.head_floor}")

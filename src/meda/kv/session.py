@@ -199,7 +199,9 @@ class CompressionSession:
         groups = self._groups_for(query)
         scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
         if r.scorer == "cumulative":
-            s = scoring.cumulative_attention_scores(query, key, groups.valid, scaling=scaling)
+            s = scoring.cumulative_attention_scores(
+                query, key, groups.valid, scaling=scaling, query_subset=_evenly_spaced(query, r.score_queries)
+            )
         elif r.scorer == "window":
             s = scoring.window_attention_scores(
                 query, key, groups.valid, scaling=scaling, window=r.window, pool_kernel=r.pool_kernel
@@ -209,11 +211,13 @@ class CompressionSession:
             s = pos.expand(key.shape[0], key.shape[1], -1).masked_fill(~groups.valid[:, None, :], -math.inf)
         self._scores[idx] = s
         if r.needs_entropy:
-            subset = None
-            if r.entropy_queries is not None and r.entropy_queries < query.shape[-2]:
-                subset = torch.linspace(0, query.shape[-2] - 1, r.entropy_queries, device=query.device).long()
             self._entropy[idx] = entropy.cross_modal_entropy(
-                query, key, groups.vision, groups.valid, scaling=scaling, query_subset=subset
+                query,
+                key,
+                groups.vision,
+                groups.valid,
+                scaling=scaling,
+                query_subset=_evenly_spaced(query, r.entropy_queries),
             )
 
     # ---- compression -------------------------------------------------------------------
@@ -316,6 +320,14 @@ class CompressionSession:
             cols.append(res.fractions.float().cpu())
             clipped = max(clipped, res.clipped_layers)
         return torch.stack(cols, dim=1), clipped
+
+
+def _evenly_spaced(query: torch.Tensor, count: int | None) -> torch.Tensor | None:
+    """``count`` evenly spaced query rows (first and last included), or None for all rows."""
+    n = query.shape[-2]
+    if count is None or count >= n:
+        return None
+    return torch.linspace(0, n - 1, count, device=query.device).round().long()
 
 
 def _unique_configs(model: torch.nn.Module, modules) -> list:
