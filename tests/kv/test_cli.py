@@ -139,5 +139,17 @@ def test_kv_run_image_on_a_text_model_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "img.png").write_bytes(b"")
     args = ["kv", "run", "--model", str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt", "t5 t6"]
     result = runner.invoke(app, args)
-    assert result.exit_code != 0
-    assert "image processor" in str(result.exception)
+    assert result.exit_code == 2
+    assert "image processor" in result.output
+
+
+def test_kv_run_reports_bad_input_without_a_traceback() -> None:
+    for args, words in (
+        (["--method", "kvzip"], "unknown method"),
+        (["--budget", "1.5"], "not a kept fraction"),
+        (["-o", "tau=0"], "tau must be > 0"),
+    ):
+        result = runner.invoke(app, ["kv", "run", "--prompt", "hi", *args])
+        assert result.exit_code == 2, args
+        assert words in result.output
+        assert "Traceback" not in result.output

@@ -68,20 +68,31 @@ def run(
     Prints the answer, kept tokens per layer as a bar chart, and the real bytes of the KV
     cache before and after compression. budget=1.0 keeps everything (same output as full).
     """
+    from meda.kv.recipes import resolve_recipe
     from meda.kv.run import run_once
+    from meda.kv.session import parse_budget
 
-    text = Path(prompt[1:]).read_text() if prompt.startswith("@") else prompt
-    result = run_once(
-        model,
-        text,
-        method=method,
-        budget=parse_budget_text(budget),
-        images=image,
-        max_new_tokens=max_new_tokens,
-        options=parse_options(option),
-        attn_implementation=attn,
-        device=device,
-    )
+    options = parse_options(option)
+    try:  # check what needs no model first, so a typo fails before a long load
+        resolve_recipe(method, **options)
+        parsed_budget = parse_budget(parse_budget_text(budget))
+        text = Path(prompt[1:]).read_text() if prompt.startswith("@") else prompt
+        result = run_once(
+            model,
+            text,
+            method=method,
+            budget=parsed_budget,
+            images=image,
+            max_new_tokens=max_new_tokens,
+            options=options,
+            attn_implementation=attn,
+            device=device,
+        )
+    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+        from meda.report import console
+
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from err
     if as_json:
         from meda.report import print_json
 

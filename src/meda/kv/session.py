@@ -190,7 +190,8 @@ class CompressionSession:
             if r is not None and r.scorer == "window" and shortest < r.window:
                 raise ValueError(
                     f"the prompt has {shortest} tokens, fewer than the observation window ({r.window}) of "
-                    f"method {self.report.method!r}; pass window=<{shortest} or less> or a longer prompt"
+                    f"method {self.report.method!r}; pass window={shortest} (CLI: -o window={shortest}) "
+                    "or a longer prompt"
                 )
         return self._groups
 
