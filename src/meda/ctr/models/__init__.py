@@ -32,8 +32,17 @@ MODELS: dict[str, type[CTRModel]] = {
 
 def model_options(name: str) -> dict[str, Any]:
     """Configurable options of model ``name`` and their defaults."""
-    params = inspect.signature(_model_class(name)).parameters
-    return {k: p.default for k, p in params.items() if k != "feature_map"}
+    options: dict[str, Any] = {}
+    for cls in _model_class(name).__mro__:  # a subclass taking **options inherits its base's options
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters
+        for k, p in params.items():
+            if k not in ("self", "feature_map") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                options.setdefault(k, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return options
 
 
 def build_model(name: str, feature_map: FeatureMap, **cfg: Any) -> CTRModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,16 +40,9 @@ class DNN(CTRModel):
 class WideDeep(DNN):
     """Wide&Deep: a linear (wide) model over the raw ids plus a DNN; the logits add up."""
 
-    def __init__(
-        self,
-        feature_map: FeatureMap,
-        embedding_dim: int = 16,
-        hidden_units: Sequence[int] = (256, 128),
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        embedding_init: EmbeddingInit = EmbeddingInit(),
-    ) -> None:
-        super().__init__(feature_map, embedding_dim, hidden_units, dropout, batch_norm, embedding_init)
+    def __init__(self, feature_map: FeatureMap, **options: Any) -> None:
+        """Options as :class:`DNN`."""
+        super().__init__(feature_map, **options)
         self.wide = LinearTerm(self)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -58,16 +52,9 @@ class WideDeep(DNN):
 class DeepFM(DNN):
     """DeepFM: FM (first order + pairwise) and a DNN sharing one embedding; the logits add up."""
 
-    def __init__(
-        self,
-        feature_map: FeatureMap,
-        embedding_dim: int = 16,
-        hidden_units: Sequence[int] = (256, 128),
-        dropout: float = 0.0,
-        batch_norm: bool = False,
-        embedding_init: EmbeddingInit = EmbeddingInit(),
-    ) -> None:
-        super().__init__(feature_map, embedding_dim, hidden_units, dropout, batch_norm, embedding_init)
+    def __init__(self, feature_map: FeatureMap, **options: Any) -> None:
+        """Options as :class:`DNN`."""
+        super().__init__(feature_map, **options)
         self.linear = LinearTerm(self)
 
     def forward(self, batch: Batch) -> torch.Tensor:
