@@ -14,8 +14,11 @@ from meda.report import bar_chart, console, human_bytes, print_table
 
 
 def pick_device(device: str) -> str:
+    """``auto`` -> the loader's default device; a named CUDA device must exist."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from meda.kv.models import default_device
+
+        return default_device().type
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
     return device
