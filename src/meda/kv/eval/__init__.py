@@ -1,0 +1,1 @@
+"""Evaluation of compressed caches: seeded synthetic tasks, fidelity to the full cache, the eval harness."""
