@@ -103,7 +103,18 @@ def train(
     min_count: int = typer.Option(1, help="Ids seen fewer times in train become OOV. >=5 hides the problem."),
     numeric: str = typer.Option("log", help="Numeric transform: log, standardise, raw, bucket, log-bucket."),
     batch_size: int = typer.Option(2048, help="Training batch size."),
-    optimizer: str = typer.Option("adam", help="adam, adagrad or sgd."),
+    optimizer: str = typer.Option(
+        "adam", help="adam, adagrad, sgd, or adamar / adagradar (adaptive per-row decay of the embeddings)."
+    ),
+    optimizer_option: list[str] = typer.Option(
+        [], help="Embedding-group option KEY=VALUE (repeatable): adamar/adagradar take ar_alpha, ar_decay."
+    ),
+    schedule: str = typer.Option(
+        "none", help="none, or bars: embedding L2 1e-5, LR / 10 on a plateau, early stop with patience 2."
+    ),
+    lr_plateau_factor: float | None = typer.Option(
+        None, help="Multiply the LR by this after an epoch without improvement (bars: 0.1)."
+    ),
     lr: float = typer.Option(1e-3, help="Learning rate (Adam 1e-3 is where one-epoch overfitting shows)."),
     embedding_dim: int = typer.Option(16, help="Embedding size per field."),
     hidden_units: str = typer.Option("256,128", help="MLP widths, comma-separated."),
@@ -112,7 +123,7 @@ def train(
     model_option: list[str] = typer.Option(
         [], help="Model-specific option KEY=VALUE (repeatable), e.g. cross_layers=2, structure=stacked."
     ),
-    embedding_l2: float = typer.Option(0.0, help="L2 (weight decay) on embeddings."),
+    embedding_l2: float | None = typer.Option(None, help="L2 (weight decay) on embeddings (default 0; bars: 1e-5)."),
     net_l2: float = typer.Option(0.0, help="L2 (weight decay) on the network."),
     init: str = typer.Option("normal", help="Embedding init: normal (std --init-std) or uniform (+-std)."),
     init_std: float = typer.Option(1e-4, help="Embedding init scale (FuxiCTR: 1e-4; 1.0 hides the drop)."),
@@ -152,10 +163,17 @@ def train(
     --init-std 1e-4, --optimizer adam --lr 1e-3, --batch-size 2048, bucketed numerics
     (--numeric log-bucket) help MEDA. Several modes (--mode one-epoch,multi-epoch,meda)
     go to OUT/<mode>/metrics.json with OUT/summary.json and, with --plot, OUT/test_auc.png.
+
+    \b
+    Remedies to compare MEDA with: --schedule bars (FuxiCTR's BARS protocol: embedding
+    L2, LR / 10 on a plateau, early stopping, patience 2) and --optimizer adamar
+    --optimizer-option ar_alpha=0.01 (Li & Lyu's per-row adaptive decay; combine with
+    --mode meda for MEDA + AdamAR).
     """
     from meda.ctr.checkpoint import ResumeError
     from meda.ctr.data import load_dataset
     from meda.ctr.experiment import epoch_table, parse_modes, run_modes, summary_table
+    from meda.ctr.schedule import apply_schedule
     from meda.ctr.train import TrainConfig
     from meda.report import console, print_json, print_table
 
@@ -163,12 +181,16 @@ def train(
         modes = parse_modes(mode)
         units = tuple(int(u) for u in hidden_units.split(",") if u.strip())
         options = dict(_key_value(o) for o in model_option)
+        scheduled = apply_schedule(
+            schedule, {"embedding_l2": embedding_l2, "lr_plateau_factor": lr_plateau_factor, "patience": patience}
+        )
         config = TrainConfig(
+            **scheduled, optimizer_options=dict(_key_value(o) for o in optimizer_option),
             model=model, mode=modes[0], epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr,
-            embedding_l2=embedding_l2, net_l2=net_l2, embedding_dim=embedding_dim, hidden_units=units,
+            net_l2=net_l2, embedding_dim=embedding_dim, hidden_units=units,
             dropout=dropout, batch_norm=batch_norm, init=init, init_std=init_std,
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
-            serving=serving, chunks=chunks, monitor=monitor, patience=patience, seed=seed,
+            serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device,
         )  # fmt: skip
     except (ValueError, TypeError) as err:

@@ -33,7 +33,8 @@ from meda.ctr.features import EncodedData, FeatureMap
 from meda.ctr.metrics import classification_metrics
 from meda.ctr.models import CTRModel, build_model, model_options
 from meda.ctr.modes import Mode, Pass
-from meda.ctr.optim import build_optimizer, reset_state
+from meda.ctr.optim import build_optimizer, optimizer_options, reset_state
+from meda.ctr.schedule import decay_on_plateau
 from meda.report import write_json
 
 MONITORS = ("valid_auc", "valid_logloss", "valid_gauc")
@@ -82,6 +83,8 @@ class TrainConfig:
     eval_batch_size: int = 16384
     device: str = "cpu"
     model_options: dict[str, Any] = field(default_factory=dict)
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
+    lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
 
     def __post_init__(self) -> None:
         Mode(self.mode)  # validates the name
@@ -101,6 +104,9 @@ class TrainConfig:
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0 (0 = only at the end of each epoch)")
         self.hidden_units = tuple(self.hidden_units)
+        optimizer_options(self.optimizer, self.optimizer_options)  # validates the options
+        if self.lr_plateau_factor is not None and not 0 < self.lr_plateau_factor < 1:
+            raise ValueError(f"lr_plateau_factor must be in (0, 1) (or None), got {self.lr_plateau_factor}")
         resolve_device(self.device)  # validates the name
 
 
@@ -173,6 +179,7 @@ class Trainer:
             config.lr,
             config.embedding_l2,
             config.net_l2,
+            config.optimizer_options,
         )
         self.progress = Progress()
 
@@ -278,11 +285,13 @@ class Trainer:
 
     def _early_stopping(self) -> None:
         p, cfg = self.progress, self.config
-        if cfg.patience is None or self.mode.chunked:
+        if self.mode.chunked:
             return
-        best = self._best()
-        p.bad_epochs = 0 if best is p.history[-1] else p.bad_epochs + 1
-        if p.bad_epochs >= cfg.patience:
+        improved = self._best() is p.history[-1]
+        p.bad_epochs = 0 if improved else p.bad_epochs + 1
+        if not improved and cfg.lr_plateau_factor is not None:  # BARS: LR / 10 on a plateau
+            p.history[-1]["lr_after"] = decay_on_plateau(self.optimizer, cfg.lr_plateau_factor)
+        if cfg.patience is not None and p.bad_epochs >= cfg.patience:
             p.stopped_early = True
             self.log(f"{cfg.mode}: early stop, no {cfg.monitor} improvement for {cfg.patience} epoch(s)")
 
