@@ -55,6 +55,19 @@ def iterate_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for shard, rows in row_orders(data, shuffle, seed):
+        n = len(rows)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield to_tensors(shard, rows[start : start + batch_size])
+
+
+def row_orders(data: Shards, shuffle: bool, seed: int = 0) -> Iterator[tuple[EncodedData, np.ndarray]]:
+    """Each shard with the order its rows are visited in (int64 ``[rows]``), as :func:`iterate_batches` does.
+
+    With ``shuffle`` the shard order and each shard's row order are seeded permutations
+    (one generator, shard order drawn first); unshuffled shards are consumed lazily.
+    """
     rng = np.random.default_rng(seed)
     shards: Iterable[EncodedData] = [data] if isinstance(data, EncodedData) else data
     if shuffle:  # shard order too; unshuffled shards are consumed lazily, one at a time
@@ -62,10 +75,7 @@ def iterate_batches(
         shards = [listed[i] for i in rng.permutation(len(listed))]
     for shard in shards:
         n = len(shard)
-        rows = rng.permutation(n) if shuffle else np.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield to_tensors(shard, rows[start : start + batch_size])
+        yield shard, (rng.permutation(n) if shuffle else np.arange(n))
 
 
 def split_by_day(data: EncodedData) -> list[EncodedData]:

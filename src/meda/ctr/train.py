@@ -25,7 +25,8 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from meda.ctr.batches import iterate_batches, split_by_day, split_into_chunks
+from meda.ctr import distributed
+from meda.ctr.batches import split_by_day, split_into_chunks
 from meda.ctr.checkpoint import CHECKPOINT_NAME, ResumeError, load_checkpoint, save_checkpoint
 from meda.ctr.continual import SERVING, EmbeddingGroups, serve
 from meda.ctr.embedding import EmbeddingInit
@@ -35,18 +36,21 @@ from meda.ctr.models import CTRModel, build_model, model_options
 from meda.ctr.modes import Mode, Pass
 from meda.ctr.optim import build_optimizer, optimizer_options, reset_state
 from meda.ctr.schedule import decay_on_plateau
+from meda.ctr.sources import RESIDENT, BatchSource, as_source, rank_range
 from meda.report import write_json
 
 MONITORS = ("valid_auc", "valid_logloss", "valid_gauc")
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs
 
 
 class DatasetLike(Protocol):
     """What training reads from :func:`meda.ctr.data.load_dataset`'s result."""
 
     feature_map: FeatureMap
-    train: EncodedData
-    valid: EncodedData
-    test: EncodedData
+    train: EncodedData | BatchSource
+    valid: EncodedData | BatchSource
+    test: EncodedData | BatchSource
     report: dict[str, Any]
 
 
@@ -82,6 +86,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_batch_size: int = 16384
     device: str = "cpu"
+    precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (loss and optimiser stay fp32)
+    compile: str = "off"  # torch.compile mode of the model's forward, see COMPILE_MODES
+    resident: str = "auto"  # keep in-memory splits as tensors on the device (see meda.ctr.sources)
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
     lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
@@ -108,6 +115,10 @@ class TrainConfig:
         if self.lr_plateau_factor is not None and not 0 < self.lr_plateau_factor < 1:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (or None), got {self.lr_plateau_factor}")
         resolve_device(self.device)  # validates the name
+        choices = {"precision": PRECISIONS, "compile": COMPILE_MODES, "resident": RESIDENT}
+        for name, allowed in choices.items():
+            if (value := getattr(self, name)) not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
 
 def build_model_options(config: TrainConfig) -> dict[str, Any]:
@@ -141,6 +152,9 @@ class Progress:
     best_group: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    train_seconds: float = 0.0  # time in training steps this epoch (device synchronised)
+    train_rows: int = 0  # rows trained on this epoch, every rank
+    timing: list[dict[str, Any]] = field(default_factory=list)  # per epoch: seconds, rows, samples/s
 
 
 class Trainer:
@@ -161,17 +175,32 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ) -> None:
         torch.set_flush_denormal(True)  # std-1e-4 embeddings are ~6x slower on CPU otherwise
-        self.dataset, self.config, self.log = dataset, config, log or (lambda _: None)
+        self.rank, self.world = distributed.rank(), distributed.world()
+        self.dataset, self.config = dataset, config
+        self.log = (log or (lambda _: None)) if self.rank == 0 else (lambda _: None)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.mode = Mode(config.mode)
-        self.chunks = self._chunks() if self.mode.chunked else []
+        _check_parallel(config, self.mode, self.world)
+        _check_rows(dataset)
+        self.device = distributed.local_device(resolve_device(config.device))
+        self.sources = {name: as_source(getattr(dataset, name), self.device, config.resident)
+                        for name in ("valid", "test", *(() if self.mode.chunked else ("train",)))}  # fmt: skip
+        self.chunks = [as_source(c, self.device, config.resident) for c in self._chunks()] if self.mode.chunked else []
         self.plan = self.mode.plan(config.epochs, len(self.chunks))
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same seed on every rank: identical initial tables and network
         self.model: CTRModel = build_model(config.model, dataset.feature_map, **build_model_options(config))
         self.groups = EmbeddingGroups(self.model, self.mode.groups(config.epochs), config.seed)
-        self.device = resolve_device(config.device)
         self.model.to(self.device)
         self.groups.to(self.device)
+        self.forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.model
+        if self.world > 1:  # gradients all-reduced over ranks (DDP)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile != "off":
+            self.forward = torch.compile(self.forward, mode=None if config.compile == "default" else config.compile)
+        self._loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # losses not yet in progress
+        self._loss_steps = 0
+        self._in_sync = True
         self.optimizer = build_optimizer(
             config.optimizer,
             self.groups.parameters(),
@@ -204,8 +233,9 @@ class Trainer:
             if pass_.closes_epoch:
                 self._close_epoch()
             self._save()
+        self._in_sync = distributed.same_on_every_rank(self.model)
         payload = self.payload()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.rank == 0:
             write_json(self.out_dir / "metrics.json", payload)
         return payload
 
@@ -213,6 +243,7 @@ class Trainer:
         p = self.progress
         if pass_.opens_epoch:
             p.record, p.loss_sum, p.loss_count, p.epoch_started = {"epoch": pass_.epoch}, 0.0, 0, time.time()
+            p.train_seconds, p.train_rows = 0.0, 0
             if pass_.chunk is not None:
                 chunk = self.chunks[pass_.chunk]
                 p.record.update(chunk=pass_.chunk, rows=len(chunk))
@@ -233,51 +264,74 @@ class Trainer:
             reset_state(self.optimizer, redrawn)
 
     def _train_pass(self, pass_: Pass, on_step: Callable[[int], None] | None) -> None:
+        """One pass; per step nothing waits for the device (the loss is summed on it, read at sync points)."""
         p, cfg = self.progress, self.config
-        data = self.dataset.train if pass_.chunk is None else self.chunks[pass_.chunk]
-        n_batches = math.ceil(len(data) / cfg.batch_size)
-        batches: Iterator[dict[str, torch.Tensor]] = iterate_batches(
-            data, cfg.batch_size, shuffle=True, seed=cfg.seed * 1_000_003 + pass_.index
+        source = self.sources["train"] if pass_.chunk is None else self.chunks[pass_.chunk]
+        batches: Iterator[dict[str, torch.Tensor]] = source.train_batches(
+            cfg.batch_size, seed=cfg.seed * 1_000_003 + pass_.index, rank=self.rank, world=self.world
         )
         bar = tqdm(
             islice(batches, p.step, None),
-            total=n_batches,
+            total=source.num_train_batches(cfg.batch_size, self.world),
             initial=p.step,
             desc=f"{cfg.mode} epoch {pass_.epoch}" + (f" group {pass_.group}" * (len(self.groups) > 1)),
             leave=False,
-            disable=not _show_progress(),
+            disable=not _show_progress() or self.rank != 0,
         )
         self.model.train()
-        for cpu_batch in bar:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
+        started, rows = time.perf_counter(), 0
+        for batch in bar:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.binary_cross_entropy_with_logits(self.model(batch), batch["label"])
+            with self._autocast():
+                logits = self.forward(batch)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
             loss.backward()
             self.optimizer.step()
             p.step, p.global_step = p.step + 1, p.global_step + 1
-            p.loss_sum, p.loss_count = p.loss_sum + loss.item(), p.loss_count + 1
+            self._loss_total += loss.detach()
+            self._loss_steps, rows = self._loss_steps + 1, rows + batch["label"].shape[0]
             if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
                 self._save()
             if on_step is not None:
                 on_step(p.global_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        p.train_seconds += time.perf_counter() - started
+        p.train_rows += int(distributed.sum_floats([rows], self.device)[0])
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+
+    def _sync_loss(self) -> None:
+        """Move the device-side loss sum into :attr:`progress` (one host sync)."""
+        if self._loss_steps:
+            p = self.progress
+            p.loss_sum, p.loss_count = p.loss_sum + float(self._loss_total), p.loss_count + self._loss_steps
+            self._loss_total.zero_()
+            self._loss_steps = 0
 
     def _close_epoch(self) -> None:
         p, cfg = self.progress, self.config
-        valid_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.valid))
-        test_groups = self.groups.logits_per_group(lambda: self.predict(self.dataset.test))
-        group_auc = [classification_metrics(self.dataset.valid.label, lg)["auc"] for lg in valid_groups]
+        valid, test = self.sources["valid"], self.sources["test"]
+        valid_groups = self.groups.logits_per_group(lambda: self.predict(valid))
+        test_groups = self.groups.logits_per_group(lambda: self.predict(test))
+        group_auc = [classification_metrics(valid.label, lg)["auc"] for lg in valid_groups]
         p.best_group = int(np.nanargmax(group_auc)) if not all(map(math.isnan, group_auc)) else 0
         record = p.record
-        for split, data, per_group in (("valid", self.dataset.valid, valid_groups),
-                                       ("test", self.dataset.test, test_groups)):  # fmt: skip
+        for split, data, per_group in (("valid", valid, valid_groups), ("test", test, test_groups)):
             m = classification_metrics(data.label, serve(per_group, cfg.serving, p.best_group), data.group)
             record.update({f"{split}_{k}": v for k, v in m.items()})
         if len(self.groups) > 1:
             record["group_valid_auc"] = group_auc
             record["serving"] = {policy: self._serving_metrics(policy, valid_groups, test_groups)
                                  for policy in SERVING}  # fmt: skip
-        record["train_loss"] = p.loss_sum / max(p.loss_count, 1)
+        self._sync_loss()
+        loss_sum, loss_count = distributed.sum_floats([p.loss_sum, p.loss_count], self.device)
+        record["train_loss"] = loss_sum / max(loss_count, 1)
         record["seconds"] = round(time.time() - p.epoch_started, 2)
+        rate = round(p.train_rows / p.train_seconds) if p.train_seconds > 0 else None
+        p.timing.append({"epoch": record["epoch"], "train_seconds": round(p.train_seconds, 3),
+                         "train_rows": p.train_rows, "samples_per_s": rate})  # fmt: skip
         p.history.append(record)
         p.record = {}
         self.log(_epoch_line(cfg.mode, record))
@@ -297,18 +351,25 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def predict(self, data: EncodedData) -> np.ndarray:
-        """Click logits ``[rows]`` of the model (active embedding group) on ``data``."""
+    def predict(self, data: EncodedData | BatchSource) -> np.ndarray:
+        """Click logits ``[rows]`` of the model (active embedding group) on ``data``.
+
+        Logits stay on the device until the split is done (one copy to the host); under
+        torchrun each rank predicts its row range and every rank gets all of them.
+        """
+        source = as_source(data, self.device, self.config.resident)
         was_training = self.model.training
         self.model.eval()
-        out = [
-            self.model({k: v.to(self.device) for k, v in b.items()}).double().cpu().numpy()
-            for b in iterate_batches(data, self.config.eval_batch_size, shuffle=False, seed=0)
-        ]
+        distributed.broadcast_buffers(self.model)  # rank 0's batch-norm statistics
+        with self._autocast():
+            batches = source.eval_batches(self.config.eval_batch_size, self.rank, self.world)
+            out = [self.model(b).float() for b in batches]
         self.model.train(was_training)
-        return np.concatenate(out) if out else np.zeros(0)
+        local = torch.cat(out) if out else torch.zeros(0, device=self.device)
+        counts = [hi - lo for lo, hi in (rank_range(len(source), r, self.world) for r in range(self.world))]
+        return distributed.gather_rows(local, counts).double().cpu().numpy()
 
-    def _served_metrics(self, data: EncodedData) -> dict[str, float]:
+    def _served_metrics(self, data: BatchSource) -> dict[str, float]:
         per_group = self.groups.logits_per_group(lambda: self.predict(data))
         served = serve(per_group, self.config.serving, self.progress.best_group)
         return classification_metrics(data.label, served)
@@ -318,34 +379,51 @@ class Trainer:
     ) -> dict[str, float]:
         """Validation AUC and test AUC/logloss when serving with ``policy`` (meda-continual)."""
         best = self.progress.best_group
-        valid = classification_metrics(self.dataset.valid.label, serve(valid_groups, policy, best))
-        test = classification_metrics(self.dataset.test.label, serve(test_groups, policy, best))
+        valid = classification_metrics(self.sources["valid"].label, serve(valid_groups, policy, best))
+        test = classification_metrics(self.sources["test"].label, serve(test_groups, policy, best))
         return {"valid_auc": valid["auc"], "test_auc": test["auc"], "test_logloss": test["logloss"]}
 
-    def _best(self) -> dict[str, Any]:
+    def _monitor(self) -> str:
+        """The monitored metric; an AUC that is undefined in every epoch (one-class validation
+        split) falls back to ``valid_logloss``."""
         key = self.config.monitor
+        if key.endswith("auc") and not any(_defined(r.get(key)) for r in self.progress.history):
+            return "valid_logloss"
+        return key
+
+    def _best(self) -> dict[str, Any]:
+        key = self._monitor()
         sign = -1.0 if key.endswith("logloss") else 1.0
-        scored = [r for r in self.progress.history if not math.isnan(r.get(key, math.nan))]
+        scored = [r for r in self.progress.history if _defined(r.get(key))]
         return max(scored, key=lambda r: sign * r[key]) if scored else self.progress.history[-1]
 
     def payload(self) -> dict[str, Any]:
-        """The ``metrics.json`` content: per-epoch records, the best epoch, config and data report."""
+        """The ``metrics.json`` content: per-epoch records, the best epoch, config and data report.
+
+        Strict JSON: an undefined metric (AUC of a one-class split) is ``None`` (``null``), never NaN.
+        """
         history = self.progress.history
-        return {
+        return _strict({
             "epochs": history,
             "best": dict(self._best()) if history else {},
+            "best_by": self._monitor() if history else self.config.monitor,
             "stopped_early": self.progress.stopped_early,
+            "timing": self.progress.timing,
+            "distributed": {"world_size": self.world, "replicas_identical": self._in_sync},
             "config": asdict(self.config),
             "data": self.dataset.report,
-        }
+        })
 
     # ------------------------------------------------------------- checkpoints
-    def _chunks(self) -> list[EncodedData]:
+    def _chunks(self) -> list[EncodedData | BatchSource]:
         train = self.dataset.train
+        if not isinstance(train, EncodedData):  # a streamed split: one chunk per shard, in name order
+            return train.chunks()
         return split_by_day(train) if train.day is not None else split_into_chunks(train, self.config.chunks)
 
     def _save(self) -> None:
-        if self.out_dir is None:
+        self._sync_loss()
+        if self.out_dir is None or self.rank != 0:  # ranks hold identical state: rank 0 writes it
             return
         save_checkpoint(
             self.out_dir / CHECKPOINT_NAME,
@@ -366,7 +444,7 @@ class Trainer:
         if self.out_dir is None:
             raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
-        ignore = {"checkpoint_every"}
+        ignore = {"checkpoint_every", "resident"}  # neither changes the results
         saved = {k: v for k, v in state["config"].items() if k not in ignore}
         now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
@@ -413,6 +491,45 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     return device
+
+
+def _check_parallel(config: TrainConfig, mode: Mode, world: int) -> None:
+    if world == 1:
+        return
+    if mode.chunked:
+        raise ValueError(
+            "meda-continual swaps embedding groups inside the model, which data-parallel training (DDP) cannot "
+            "follow; run it in one process, or use --mode meda / multi-epoch under torchrun"
+        )
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} is the global batch: make it a multiple of the "
+                         f"{world} processes")  # fmt: skip
+
+
+def _check_rows(dataset: DatasetLike) -> None:
+    """A split with no rows would train on nothing or report NaN metrics: stop with the reason."""
+    for name in ("train", "valid", "test"):
+        if len(getattr(dataset, name)) == 0:
+            skipped = dataset.report.get("skipped_rows") or {}
+            raise ValueError(
+                f"the {name} split has no usable rows (rows read: {dataset.report.get('rows_read', '?')}, "
+                f"skipped: {skipped or 'none'}); check --format and the schema, or give more rows"
+            )
+
+
+def _defined(value: Any) -> bool:
+    return isinstance(value, int | float) and not math.isnan(value)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN float replaced by None (JSON ``null``)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _show_progress() -> bool:

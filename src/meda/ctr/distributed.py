@@ -1,0 +1,113 @@
+"""Data-parallel training under ``torchrun``: process group, devices, gathering and rank-0 duties.
+
+``torchrun --nproc-per-node N -m meda ctr train ...`` starts N processes with ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` set; :func:`init` joins them into one process group (gloo on
+CPU, NCCL on CUDA). Without those variables everything here is a no-op for one process, so the
+same code path trains in one process and in many.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the process that logs and writes files."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether torchrun (or another launcher) started several processes."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str) -> None:
+    """Join the torchrun process group (gloo for CPU, NCCL for CUDA); no-op in one process."""
+    if not launched() or dist.is_initialized():
+        return
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` -> this process's GPU (``cuda:LOCAL_RANK``) under torchrun; other devices unchanged."""
+    if device.type == "cuda" and device.index is None and world() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def barrier() -> None:
+    if world() > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. encodes and caches the data), then the others."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's ``local`` ``[counts[rank], ...]`` concatenated in rank order, on every rank.
+
+    Rows are padded to the largest count for the collective and cut back afterwards.
+    """
+    if world() == 1:
+        return local
+    longest = max(counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+
+def sum_floats(values: list[float], device: torch.device) -> list[float]:
+    """``values`` summed element-wise over ranks (float64; exact for counts below 2**53)."""
+    if world() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (batch-norm running statistics) to every rank before evaluating."""
+    if world() > 1:
+        for b in module.buffers():
+            dist.broadcast(b, 0)
+
+
+def same_on_every_rank(module: torch.nn.Module) -> bool:
+    """Whether every parameter equals rank 0's (a checksum per tensor, compared across ranks)."""
+    if world() == 1:
+        return True
+    sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    ref = sums.clone()
+    dist.broadcast(ref, 0)
+    ok = torch.tensor([int(torch.equal(sums, ref))], device=sums.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
