@@ -24,6 +24,7 @@ from meda.ctr.encoding import EncodingOptions, encode_table, fit_encoders
 from meda.ctr.features import EncodedData, FeatureMap
 from meda.ctr.readers import FORMATS, DataFormatError, RawTable, read_files
 from meda.ctr.schema import BUILTIN_SCHEMAS, Schema, sidecar_path
+from meda.ctr.shards import is_sharded
 from meda.ctr.transforms import NUMERIC_TRANSFORMS
 
 PathLike = str | Path
@@ -56,8 +57,13 @@ def load_dataset(
     n_buckets: int = 32,
     hash_buckets: int | None = None,
     split: tuple[float, float, float] = DEFAULT_SPLIT,
+    **sharded: Any,
 ) -> Dataset:
     """Read ``data`` (one file or a list, stacked) in ``format`` and return encoded splits.
+
+    A directory or a glob of shards is streamed instead (:func:`meda.ctr.stream.load_sharded`,
+    which also takes ``split_by``, ``bad_shards``, ``shuffle_rows``, ``numeric_sample``, ``log``);
+    its splits are :class:`~meda.ctr.stream.StreamedSplit` objects rather than arrays.
 
     Args:
         data: training file(s); split at random (seeded, ``split`` ratios, default 8:1:1) into
@@ -82,6 +88,16 @@ def load_dataset(
         raise ValueError(f"unknown format {format!r}; use one of {FORMATS}")
     if numeric not in NUMERIC_TRANSFORMS:
         raise ValueError(f"unknown numeric transform {numeric!r}; use one of {NUMERIC_TRANSFORMS}")
+    if is_sharded(data):
+        from meda.ctr.stream import load_sharded
+
+        return load_sharded(
+            data, format, schema=schema, valid=valid, test=test, cache_dir=cache_dir, use_cache=use_cache,
+            min_count=min_count, seed=seed, numeric=numeric, n_buckets=n_buckets, hash_buckets=hash_buckets,
+            split=split, **sharded,
+        )  # fmt: skip
+    if sharded:
+        raise TypeError(f"options {sorted(sharded)} apply to a directory or glob of shards, not to files")
     if (valid is None) != (test is None):
         raise ValueError("pass both valid= and test= files, or neither (then the data are split 8:1:1)")
     if len(split) != 3 or min(split) < 0 or not np.isclose(sum(split), 1.0):
@@ -117,6 +133,12 @@ def load_dataset(
             return Dataset(fmap, splits["train"], splits["valid"], splits["test"], report)
 
     tables, raw_report = _read_splits(files, format, resolved, split, seed)
+    if raw_report["rows_used"] == 0:
+        raise DataFormatError(
+            f"no usable rows in {', '.join(str(p) for ps in files.values() for p in ps)}: "
+            f"{raw_report['rows_read']} rows read, all skipped ({raw_report['skipped_rows']}); "
+            "check --format and the schema (delimiter, column count)"
+        )
     encoders = fit_encoders(tables["train"].table, resolved, options)
     fmap = encoders.feature_map(resolved)
     day_origin = _day_origin(tables, resolved)

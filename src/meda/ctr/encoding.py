@@ -63,16 +63,36 @@ class FittedEncoders:
 
 def fit_encoders(train: pa.Table, schema: Schema, options: EncodingOptions) -> FittedEncoders:
     """Fit every field's encoder on the training rows ``train`` only."""
+    counts = {s.name: token_counts(train, s) for s in schema.fields if s.kind != "numeric" and s.hash_buckets is None}
+    numeric = {s.name: _floats(train[s.name]) for s in schema.fields if s.kind == "numeric"}
+    return build_encoders(counts, numeric, schema, options)
+
+
+def token_counts(table: pa.Table, spec: FieldSpec) -> pa.Table:
+    """Distinct tokens of a categorical/sequence column and their counts: columns ``v`` (string), ``n`` (int64)."""
+    column = table[spec.name] if spec.kind == "categorical" else _sequence_tokens(table[spec.name], spec)[0]
+    counts = pc.value_counts(column)
+    return pa.table({"v": counts.field("values"), "n": counts.field("counts")})
+
+
+def merge_counts(a: pa.Table, b: pa.Table) -> pa.Table:
+    """Token counts of two parts added (same columns as :func:`token_counts`)."""
+    return pa.concat_tables([a, b]).group_by("v").aggregate([("n", "sum")]).rename_columns(["v", "n"])
+
+
+def build_encoders(
+    counts: dict[str, pa.Table], numeric: dict[str, np.ndarray], schema: Schema, options: EncodingOptions
+) -> FittedEncoders:
+    """Encoders from train statistics: token counts of every field without ``hash_buckets``
+    (:func:`token_counts`) and train values ``[rows]`` (or a uniform sample of them) of every numeric field."""
     tokens: dict[str, Encoder] = {}
-    numeric: dict[str, NumericTransform] = {}
+    numeric_out: dict[str, NumericTransform] = {}
     for spec in schema.fields:
         if spec.kind == "numeric":
-            x = _floats(train[spec.name])
-            numeric[spec.name] = fit_numeric(options.numeric, x, n_buckets=options.n_buckets)
-            continue
-        column = train[spec.name] if spec.kind == "categorical" else _sequence_tokens(train[spec.name], spec)[0]
-        tokens[spec.name] = _fit_tokens(column, spec, options)
-    return FittedEncoders(tokens, numeric)
+            numeric_out[spec.name] = fit_numeric(options.numeric, numeric[spec.name], n_buckets=options.n_buckets)
+        else:
+            tokens[spec.name] = _fit_tokens(counts.get(spec.name), spec, options)
+    return FittedEncoders(tokens, numeric_out)
 
 
 def encode_table(
@@ -105,11 +125,13 @@ def _encode_categorical(table: pa.Table, spec: FieldSpec, encoders: FittedEncode
     return encoders.tokens[spec.name].encode(table[spec.name])
 
 
-def _fit_tokens(column: pa.ChunkedArray | pa.Array, spec: FieldSpec, options: EncodingOptions) -> Encoder:
+def _fit_tokens(counts: pa.Table | None, spec: FieldSpec, options: EncodingOptions) -> Encoder:
     if spec.hash_buckets is not None:
         return HashedVocabulary(spec.hash_buckets)
+    if counts is None:
+        raise KeyError(f"no train token counts for field {spec.name!r}")
     min_count = spec.min_count if spec.min_count is not None else options.min_count
-    vocab = Vocabulary.fit(column, min_count)
+    vocab = Vocabulary.from_counts(counts["v"].combine_chunks(), counts["n"].combine_chunks(), min_count)
     if options.hash_buckets is not None and len(vocab.tokens) > options.hash_buckets:
         return HashedVocabulary(options.hash_buckets)
     return vocab

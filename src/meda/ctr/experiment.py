@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from meda.ctr import distributed
 from meda.ctr.checkpoint import CHECKPOINT_NAME
 from meda.ctr.modes import Mode
 from meda.ctr.train import DatasetLike, TrainConfig, train
@@ -48,6 +49,8 @@ def run_modes(
         # resuming several modes: those that never started (no checkpoint yet) start afresh
         started = run_dir is not None and (len(modes) == 1 or (run_dir / CHECKPOINT_NAME).exists())
         results[mode] = train(dataset, replace(config, mode=mode), run_dir, resume=resume and started, log=log)
+    if out is not None and not distributed.is_main():  # under torchrun rank 0 writes the files
+        return results
     if out is not None and len(modes) > 1:
         columns, rows = summary_table(results)
         write_json(out / "summary.json", {"columns": columns, "rows": rows, "data": dataset.report})

@@ -41,6 +41,10 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
+    def on(self, device: torch.device) -> BatchSource:
+        """The same split delivering batches on ``device``."""
+        ...
+
     @property
     def label(self) -> np.ndarray: ...
 
@@ -86,6 +90,9 @@ class InMemorySource:
     def __len__(self) -> int:
         return len(self.data)
 
+    def on(self, device: torch.device) -> InMemorySource:
+        return self if device == self.device else InMemorySource(self.data, device, self.resident)
+
     @property
     def label(self) -> np.ndarray:
         return self.data.label
@@ -120,7 +127,7 @@ class InMemorySource:
 
 
 def as_source(data: EncodedData | BatchSource, device: torch.device, resident: str = "auto") -> BatchSource:
-    """A :class:`BatchSource` for ``data``; sources (streamed splits) pass through unchanged.
+    """A :class:`BatchSource` for ``data`` on ``device``; sources (e.g. streamed splits) are moved there.
 
     ``resident``: "on" keeps an in-memory split on the device, "off" never, "auto" on CPU always
     (zero-copy) and on CUDA when it takes at most half of the free device memory.
@@ -128,7 +135,7 @@ def as_source(data: EncodedData | BatchSource, device: torch.device, resident: s
     if resident not in RESIDENT:
         raise ValueError(f"unknown resident setting {resident!r}; use one of {', '.join(RESIDENT)}")
     if not isinstance(data, EncodedData):
-        return data
+        return data.on(device)
     keep = resident == "on" or (resident == "auto" and _fits(data, device))
     return InMemorySource(data, device, keep)
 

@@ -48,10 +48,15 @@ class Vocabulary:
     @classmethod
     def fit(cls, tokens: pa.Array | pa.ChunkedArray, min_count: int = 1) -> Vocabulary:
         """Keep tokens seen at least ``min_count`` times in ``tokens`` (the training split)."""
+        counts = pc.value_counts(tokens)
+        return cls.from_counts(counts.field("values"), counts.field("counts"), min_count)
+
+    @classmethod
+    def from_counts(cls, values: pa.Array, freq: pa.Array, min_count: int = 1) -> Vocabulary:
+        """Keep distinct tokens ``values`` whose train counts ``freq`` reach ``min_count`` (order-free:
+        counts merged over shards give the vocabulary of the concatenated shards)."""
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
-        counts = pc.value_counts(tokens)
-        values, freq = counts.field("values"), counts.field("counts")
         kept = pc.greater_equal(freq, min_count)
         values, freq = values.filter(kept), freq.filter(kept)
         order = pc.sort_indices(pa.table({"n": freq, "v": values}), [("n", "descending"), ("v", "ascending")])
