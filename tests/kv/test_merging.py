@@ -9,9 +9,12 @@ from meda.kv.merging import merge_evicted, scored_targets
 from meda.kv.selection import Selection, gather_kv, select_indices
 
 
-def reference_merge(keys, values, selection, valid, mode, scores=None, targets=None):
+def reference_merge(
+    keys, values, selection, valid, mode, scores=None, targets=None, merge_keys=True, threshold=None
+):
     """Assign each evicted valid token to its most key-cosine-similar kept slot (only slots in ``targets``
-    when given), then combine per mode."""
+    when given; dropped when its best similarity is below ``threshold``), then combine per mode (values
+    only when ``merge_keys`` is False)."""
     keys, values = keys.double(), values.double()
     out_k, out_v = (x.double().clone() for x in gather_kv(keys, values, selection))
     batch, heads, n, _ = keys.shape
@@ -33,12 +36,13 @@ def reference_merge(keys, values, selection, valid, mode, scores=None, targets=N
                     float(torch.cosine_similarity(keys[b, h, j], keys[b, h, selection.indices[b, h, s]], dim=0))
                     for s in slots
                 ]
-                groups[slots[sims.index(max(sims))]].append(j)
+                if threshold is None or max(sims) >= threshold:
+                    groups[slots[sims.index(max(sims))]].append(j)
             for s, members in groups.items():
                 if not members:
                     continue
                 own = int(selection.indices[b, h, s])
-                for x, out in ((keys, out_k), (values, out_v)):
+                for x, out in ((keys, out_k), (values, out_v))[0 if merge_keys else 1 :]:
                     merged = x[b, h, members]
                     if mode == "average":
                         out[b, h, s] = (x[b, h, own] + merged.sum(0)) / (1 + len(members))
@@ -154,6 +158,31 @@ def test_targets_match_loop_reference(mode, chunk):
     all_k, all_v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, chunk=chunk)
     every = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, targets=sel.mask.clone(), chunk=chunk)
     assert torch.equal(every[0], all_k) and torch.equal(every[1], all_v)
+
+
+@pytest.mark.parametrize("mode", ["average", "weighted"])
+@pytest.mark.parametrize("merge_keys", [True, False])
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.4, 1.0])
+def test_values_only_and_threshold_match_loop_reference(mode, merge_keys, threshold):
+    keys, values, valid, scores, sel = make_case(seed=6)
+    k, v, merged = merge_evicted(
+        keys, values, sel, valid, mode=mode, scores=scores, merge_keys=merge_keys, threshold=threshold,
+        chunk=4, with_counts=True,
+    )  # fmt: skip
+    ref_k, ref_v = reference_merge(keys, values, sel, valid, mode, scores, merge_keys=merge_keys, threshold=threshold)
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), ref_k * mask)
+    torch.testing.assert_close((v * mask).double(), ref_v * mask)
+    gk, gv = gather_kv(keys, values, sel)
+    if not merge_keys:
+        assert torch.equal(k, gk)
+    evicted = (valid[:, None] & ~sel.token_mask(valid.shape[1])).sum(-1)
+    if threshold is None:  # every evicted pair is merged somewhere
+        assert torch.equal(merged.long(), evicted)
+    elif threshold == 1.0:  # no random pair is that similar: nothing merged, nothing moved
+        assert not merged.any() and torch.equal(v, gv)
+    else:
+        assert (merged <= evicted).all()
 
 
 def test_scored_targets_exclude_sinks_and_recent_window():

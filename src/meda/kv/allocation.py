@@ -4,7 +4,11 @@ Layer budgets are fractions ``alpha [L]`` of the prefill with mean exactly ``rho
 
 - :func:`entropy_budgets` (MEDA): ``alpha_l = softmax(E / tau)_l * L * rho``;
 - :func:`pyramid_budgets` (PyramidKV): linearly decreasing from the first to the last layer;
+- :func:`density_budgets` (VL-Cache): ``alpha_l = d_l / mean(d) * rho``, ``d`` the post-vision attention
+  density of each layer (:func:`meda.kv.sparsity.post_vision_density`);
 - :func:`uniform_budgets`: ``alpha_l = rho``.
+
+:data:`ALLOCATORS` maps each recipe ``allocator`` name to one of them (one function per allocator).
 
 All three go through one clamp: ``alpha_l = clamp(s * raw_l, alpha_min, 1)`` with the scale ``s``
 solved exactly so that ``mean(alpha) == rho``; what is clipped at either bound is thereby given to (or
@@ -17,6 +21,7 @@ authors' code clamps without renormalising, so its mean drifts from ``rho``.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +130,20 @@ def pyramid_budgets(num_layers: int, rho: float, *, beta: float = 20.0, alpha_mi
     return _clamp_to_mean(rho + (rho - rho / beta) * slope.double(), rho, alpha_min)
 
 
+def density_budgets(density: Tensor, rho: float, *, alpha_min: float | None = None) -> LayerBudgets:
+    """VL-Cache layer budgets: in proportion to each layer's post-vision attention density.
+
+    Args:
+        density: ``[L]`` positive densities (share of dense attention entries, in (0, 1]).
+        rho: mean kept fraction in (0, 1]; alpha_min: lower bound per layer (default ``min(0.01, rho)``).
+    """
+    alpha_min = _check_rho(rho, alpha_min)
+    if density.dim() != 1 or density.numel() == 0 or not (torch.isfinite(density).all() and (density > 0).all()):
+        raise ValueError(f"density must be a non-empty positive finite 1-D tensor [layers]; got {density}")
+    d = density.detach().double().cpu()
+    return _clamp_to_mean(d / d.mean() * rho, rho, alpha_min)
+
+
 def uniform_budgets(num_layers: int, rho: float) -> LayerBudgets:
     """The same fraction ``rho`` in every layer."""
     _check_rho(rho, 0.0)
@@ -204,3 +223,12 @@ def head_budgets(scores: Tensor, keep: Tensor | int, valid: Tensor, *, floor_fra
     taken = (torch.arange(width, device=scores.device) < remaining[:, None]).long()
     counts = floor[:, None].expand(batch, heads).clone()
     return counts.scatter_add_(1, picked, taken)
+
+
+# allocator(statistic [L] or None, num_layers, rho, tau, alpha_min) -> LayerBudgets
+ALLOCATORS: dict[str, Callable[[Tensor | None, int, float, float, float], LayerBudgets]] = {
+    "uniform": lambda stat, layers, rho, tau, alpha_min: uniform_budgets(layers, rho),
+    "pyramid": lambda stat, layers, rho, tau, alpha_min: pyramid_budgets(layers, rho, alpha_min=alpha_min),
+    "entropy": lambda stat, layers, rho, tau, alpha_min: entropy_budgets(stat, rho, tau=tau, alpha_min=alpha_min),
+    "density": lambda stat, layers, rho, tau, alpha_min: density_budgets(stat, rho, alpha_min=alpha_min),
+}

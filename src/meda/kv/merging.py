@@ -9,7 +9,9 @@ merged group ``M`` (``n = |M|``):
 - ``weighted``: ``k' = (s k + sum_M s_m k_m) / (s + sum_M s_m)``, ``s`` the token scores; a group whose
   weights sum to 0 falls back to ``average``
 
-and the same for ``v``. ``targets`` optionally restricts which kept slots may receive merges
+and the same for ``v`` (``merge_keys=False`` merges values only: every kept key stays as it was).
+``threshold`` drops instead of merges an evicted pair whose best cosine similarity is below it.
+``targets`` optionally restricts which kept slots may receive merges
 (:func:`scored_targets`: not the sink / recent-window slots). Slots with nothing merged are returned
 unchanged, so with no evicted token the result equals :func:`meda.kv.selection.gather_kv` exactly.
 Evicted tokens are processed in chunks of ``chunk`` positions: memory ``O(B x Hkv x chunk x K)``,
@@ -31,13 +33,20 @@ MERGE_MODES: tuple[str, ...] = ("average", "pivot", "weighted")
 
 
 def _group_sums(
-    keys: Tensor, values: Tensor, slot_keys: Tensor, slot_mask: Tensor, weights: Tensor, chunk: int
+    keys: Tensor,
+    values: Tensor,
+    slot_keys: Tensor,
+    slot_mask: Tensor,
+    weights: Tensor,
+    chunk: int,
+    threshold: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Scatter-add weighted evicted pairs onto their most similar slot.
 
     Args:
         keys ``[B, H, N, Dk]``, values ``[B, H, N, Dv]``; slot_keys ``[B, H, K, Dk]``; slot_mask
-        ``[B, H, K]``; weights ``[B, H, N, M]`` (M weightings at once, 0 for tokens not merged).
+        ``[B, H, K]``; weights ``[B, H, N, M]`` (M weightings at once, 0 for tokens not merged);
+        threshold: pairs whose best similarity is below it get weight 0 (dropped).
 
     Returns:
         float32 ``(sum w k [B, H, K, M, Dk], sum w v [B, H, K, M, Dv], sum w [B, H, K, M])``.
@@ -54,7 +63,9 @@ def _group_sums(
         v = values[:, :, start : start + chunk].float()
         w = weights[:, :, start : start + chunk]  # [B, H, c, M]
         similarity = torch.matmul(F.normalize(k, dim=-1), unit_slots)  # [B, H, c, K]
-        target = similarity.masked_fill(~slot_mask[:, :, None], float("-inf")).argmax(dim=-1)
+        best, target = similarity.masked_fill(~slot_mask[:, :, None], float("-inf")).max(dim=-1)
+        if threshold is not None:
+            w = w * (best >= threshold)[..., None]
         target = target[..., None].expand(-1, -1, -1, n_weights)  # [B, H, c, M]
         sum_w.scatter_add_(2, target, w)
         for total, x in ((sum_k, k), (sum_v, v)):
@@ -86,8 +97,11 @@ def merge_evicted(
     mode: MergeMode = "average",
     scores: Tensor | None = None,
     targets: Tensor | None = None,
+    merge_keys: bool = True,
+    threshold: float | None = None,
     chunk: int = 4096,
-) -> tuple[Tensor, Tensor]:
+    with_counts: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Kept pairs with the evicted pairs of their head merged in (see the module docstring).
 
     Args:
@@ -99,10 +113,14 @@ def merge_evicted(
             (default: every kept slot). Evicted tokens go to the most similar allowed slot; slots outside
             ``targets`` are returned unchanged; a head with no allowed slot merges nothing (its evicted
             tokens are dropped).
+        merge_keys: False keeps every kept key unchanged and merges the values only.
+        threshold: optional cosine similarity below which an evicted pair is dropped, not merged.
         chunk: evicted-candidate positions per step.
+        with_counts: also return ``merged [B, Hkv]``, the evicted pairs really merged per head.
 
     Returns:
-        ``(k [B, Hkv, K, Dk], v [B, Hkv, K, Dv])`` in the input dtype, aligned with ``selection``.
+        ``(k [B, Hkv, K, Dk], v [B, Hkv, K, Dv])`` in the input dtype, aligned with ``selection``
+        (and ``merged`` with ``with_counts``).
     """
     if mode not in MERGE_MODES:
         raise ValueError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
@@ -129,7 +147,9 @@ def merge_evicted(
         if (valid[:, None] & ~usable).any():
             raise ValueError("weighted merge needs finite, non-negative scores at every valid token")
         weights.append(torch.where(evicted, scores, 0.0))
-    sum_k, sum_v, sum_w = _group_sums(keys, values, kept_k, slot_mask, torch.stack(weights, -1), chunk)
+    sum_k, sum_v, sum_w = _group_sums(
+        keys, values, kept_k, slot_mask, torch.stack(weights, -1), chunk, threshold
+    )
 
     count = sum_w[..., 0]  # [B, H, K] merged tokens per slot
     merged = []
@@ -145,6 +165,8 @@ def merge_evicted(
             weighted = (own[..., None] * kept + total[..., 1, :]) / weight.clamp_min(1e-30)[..., None]
             merged.append(torch.where((weight > 0)[..., None], weighted, average))
     changed = (slot_mask & (count > 0))[..., None]
-    k = torch.where(changed, merged[0].to(keys.dtype), kept_k)
+    k = torch.where(changed, merged[0].to(keys.dtype), kept_k) if merge_keys else kept_k
     v = torch.where(changed, merged[1].to(values.dtype), kept_v)
+    if with_counts:
+        return k, v, count.sum(dim=-1)
     return k, v

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-Allocator = Literal["uniform", "pyramid", "entropy"]
+Allocator = Literal["uniform", "pyramid", "entropy", "density"]
 Scorer = Literal["recency", "cumulative", "window"]
 Merge = Literal["none", "average", "pivot", "weighted"]
 MergeTargets = Literal["all", "scored"]
@@ -24,7 +24,8 @@ class Recipe:
     Attributes:
         allocator: per-layer budgets. ``uniform`` (same fraction in every layer),
             ``pyramid`` (PyramidKV: linearly more in lower layers), ``entropy`` (MEDA:
-            softmax of cross-modal attention entropy).
+            softmax of cross-modal attention entropy), ``density`` (VL-Cache: in proportion to the
+            density of post-vision attention).
         scorer: per-key importance. ``recency`` (later is better; StreamingLLM),
             ``cumulative`` (attention received from every prompt query; H2O, MEDA paper),
             ``window`` (attention from the last ``window`` queries, max-pooled; SnapKV).
@@ -39,6 +40,12 @@ class Recipe:
             MEDA / LOOK-M papers, the default) or ``scored`` (not the ``sink_tokens`` and
             ``recent_window`` pairs, only those kept for their score; on SmolLM2 the recent
             window absorbing evicted pairs is what breaks generation, see docs/kv.md).
+        merge_keys: merge keys as well as values (True: the papers). False merges values only and
+            keeps each kept pair's own key, so what the pair is found by does not move.
+        merge_threshold: key cosine similarity below which an evicted pair is dropped instead of
+            merged (None: every evicted pair is merged, the papers).
+        layer_floor: smallest per-layer kept fraction as a share of the budget (0: only
+            ``alpha_min``; 0.5: no layer keeps less than half the mean budget).
         window: observation window (queries) of the ``window`` scorer; also the length
             of the "question" group for text-only entropy.
         pool_kernel: max-pool width of the ``window`` scorer.
@@ -60,6 +67,9 @@ class Recipe:
     recent_window: int = 0
     merge: Merge = "none"
     merge_targets: MergeTargets = "all"
+    merge_keys: bool = True
+    merge_threshold: float | None = None
+    layer_floor: float = 0.0
     window: int = 32
     pool_kernel: int = 7
     tau: float = 1.0
@@ -72,6 +82,10 @@ class Recipe:
     def needs_entropy(self) -> bool:
         return self.allocator == "entropy"
 
+    def floor(self, rho: float) -> float:
+        """The per-layer lower bound at mean budget ``rho``: ``max(alpha_min, layer_floor * rho)``, at most rho."""
+        return min(max(self.alpha_min, self.layer_floor * rho), rho)
+
 
 METHODS: dict[str, Recipe | None] = {
     "full": None,
@@ -81,6 +95,10 @@ METHODS: dict[str, Recipe | None] = {
     "pyramidkv": Recipe(allocator="pyramid", scorer="window", recent_window=32),
     "lookm": Recipe(scorer="cumulative", text_priority=True, recent_window=32, merge="pivot"),
     "adakv": Recipe(scorer="window", head_budgets=True, recent_window=32),
+    "vlcache": Recipe(allocator="density", scorer="window", recent_window=32),
+    "meda-paper": Recipe(
+        allocator="entropy", scorer="cumulative", text_priority=True, recent_window=32, merge="average"
+    ),
     "meda": Recipe(allocator="entropy", scorer="cumulative", text_priority=True, recent_window=32, merge="average"),
 }
 
@@ -122,6 +140,10 @@ def _validate(r: Recipe) -> None:
         raise ValueError(f"tau must be > 0, got {r.tau}")
     if not 0 < r.alpha_min <= 1:
         raise ValueError(f"alpha_min must be in (0, 1], got {r.alpha_min}")
+    if not 0 <= r.layer_floor <= 1:
+        raise ValueError(f"layer_floor must be in [0, 1] (a share of the budget), got {r.layer_floor}")
+    if r.merge_threshold is not None and not -1 <= r.merge_threshold <= 1:
+        raise ValueError(f"merge_threshold must be None or a cosine similarity in [-1, 1], got {r.merge_threshold}")
     for name in ("entropy_queries", "score_queries"):
         value = getattr(r, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from meda.kv import allocation, entropy, merging, scoring, selection
+from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
@@ -127,6 +127,7 @@ class CompressionSession:
         self._groups: TokenGroups | None = None
         self._scores: dict[int, torch.Tensor] = {}
         self._entropy: dict[int, torch.Tensor] = {}
+        self._density: dict[int, torch.Tensor] = {}  # VL-Cache's post-vision attention density per layer
         self._prefill_seen = False
 
     def _before_forward(self, module, args, kwargs):
@@ -220,6 +221,8 @@ class CompressionSession:
                 scaling=scaling,
                 query_subset=_evenly_spaced(query, r.entropy_queries),
             )
+        if r.allocator == "density":
+            self._density[idx] = sparsity.post_vision_density(query, key, groups.vision, groups.valid, scaling=scaling)
 
     # ---- compression -------------------------------------------------------------------
     def _compress(self, cache) -> None:
@@ -293,10 +296,10 @@ class CompressionSession:
             targets = sel.mask
             if r.merge_targets == "scored":
                 targets = merging.scored_targets(sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window)
-            k, v = merging.merge_evicted(
-                layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets
-            )
-            absorbed = dropped * targets.any(-1)  # a head with no allowed target drops its evicted pairs
+            k, v, absorbed = merging.merge_evicted(
+                layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets,
+                merge_keys=r.merge_keys, threshold=r.merge_threshold, with_counts=True,
+            )  # absorbed [B, Hkv]: pairs really merged (a head with no allowed target, or below threshold, drops)
         new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
         return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
 
@@ -310,14 +313,10 @@ class CompressionSession:
         else:
             rho = [min(1.0, self.budget / max(int(nb), 1)) for nb in n]
         cols, clipped = [], 0
+        statistic = {"entropy": self._entropy, "density": self._density}.get(r.allocator)  # per-layer [B]
         for b in range(batch):
-            if r.allocator == "entropy":
-                e = torch.stack([self._entropy[i][b] for i in layers]).float().cpu()
-                res = allocation.entropy_budgets(e, rho[b], tau=r.tau, alpha_min=min(r.alpha_min, rho[b]))
-            elif r.allocator == "pyramid":
-                res = allocation.pyramid_budgets(num_layers, rho[b], alpha_min=min(r.alpha_min, rho[b]))
-            else:
-                res = allocation.uniform_budgets(num_layers, rho[b])
+            stat = torch.stack([statistic[i][b] for i in layers]).float().cpu() if statistic is not None else None
+            res = allocation.ALLOCATORS[r.allocator](stat, num_layers, rho[b], r.tau, r.floor(rho[b]))
             cols.append(res.fractions.float().cpu())
             clipped = max(clipped, res.clipped_layers)
         return torch.stack(cols, dim=1), clipped

@@ -61,6 +61,8 @@ class TaskSpec:
         max_new_tokens: generation length that suffices for the answer.
         score: ``score(prediction, sample) -> float in [0, 1]``.
         description: one line for ``--help`` and the docs.
+        count: how many distinct samples exist (the rows of a data set such as MileBench, where
+            ``make(i, size)`` returns row ``i``); None for generated tasks, whose seeds never run out.
     """
 
     name: str
@@ -70,6 +72,7 @@ class TaskSpec:
     max_new_tokens: int = 8
     score: Callable[[str, Sample], float] = exact_match
     description: str = ""
+    count: int | None = None
 
 
 TASKS: dict[str, TaskSpec] = {}

@@ -1,0 +1,142 @@
+"""Fidelity of a compressed cache to the full cache on the same input.
+
+The full cache first answers greedily (:func:`reference_run`); its tokens are the *continuation* and its
+next-token distributions the reference. A compressed run (:func:`compressed_run`) then
+
+1. prefills the prompt inside ``compress(...)`` (the cache is compressed when the prefill ends),
+2. feeds the reference continuation teacher-forced, one token per step as decoding does (a multi-token
+   forward would be a prompt chunk to the session): at every continuation position after the first (the
+   first token is predicted from the prefill, before compression) it compares its next-token
+   distribution ``q`` with the full cache's ``p``:
+   ``token_agreement`` = share of positions whose argmax equals the full cache's token,
+   ``kl`` = mean ``KL(p || q)`` in nats,
+3. answers greedily itself (the prediction that is scored), reusing step 2: it agrees with the reference
+   up to the first position whose argmax differs; from there it decodes on its own, from the compressed
+   cache as it was at that position (:class:`CacheSnapshot`).
+
+``greedy_prefix`` is the share of the reference's tokens that the compressed greedy answer reproduces
+before its first difference (the figure ``benchmarks/kv_fidelity.py`` reported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meda.kv.compress import compress
+
+
+@dataclass
+class Reference:
+    """The full cache's greedy continuation.
+
+    Attributes:
+        tokens: ``LongTensor [T]`` greedy tokens (up to and including the first end-of-sequence token).
+        log_probs: ``float32 [T, vocab]`` the full cache's next-token log-probabilities; row ``i``
+            predicted ``tokens[i]``.
+    """
+
+    tokens: Tensor
+    log_probs: Tensor
+
+
+class CacheSnapshot:
+    """The state of every layer of a dynamic cache, to roll it back after decoding more tokens.
+
+    Works for cache layers whose ``update`` replaces its tensors by new ones (``torch.cat``), as
+    :class:`transformers.cache_utils.DynamicLayer` and :class:`meda.kv.cache.CompressedLayer` do: the
+    saved tensors are then never written to, and restoring is re-binding the layer's attributes.
+    """
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+        self.states = [dict(vars(layer)) for layer in cache.layers]
+
+    def restore(self) -> None:
+        for layer, state in zip(self.cache.layers, self.states, strict=True):
+            vars(layer).clear()
+            vars(layer).update(state)
+
+
+def _step(model: torch.nn.Module, tokens: Tensor, cache: Any) -> Tensor:
+    """Feed ``tokens [1, q]`` on top of ``cache``; returns float32 log-probs ``[q, vocab]``."""
+    out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+def _prefill(model: torch.nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
+    out = model(**inputs, use_cache=True)
+    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+
+
+def _greedy(model, cache, first: Tensor, first_log_probs: Tensor, new_tokens: int, eos: set[int]):
+    """Greedy decode from ``cache`` whose next token is ``first``; returns tokens and their log-prob rows."""
+    tokens, rows = [first], [first_log_probs]
+    while len(tokens) < new_tokens and int(tokens[-1]) not in eos:
+        log_probs = _step(model, tokens[-1].view(1, 1), cache)[-1]
+        rows.append(log_probs)
+        tokens.append(log_probs.argmax())
+    return torch.stack(tokens), torch.stack(rows)
+
+
+def reference_run(model: torch.nn.Module, inputs: dict[str, Tensor], new_tokens: int, eos: set[int]) -> Reference:
+    """Greedy answer of the full cache (no compression session) with its distributions."""
+    log_probs, cache = _prefill(model, inputs)
+    tokens, rows = _greedy(model, cache, log_probs.argmax(), log_probs, new_tokens, eos)
+    return Reference(tokens=tokens, log_probs=rows)
+
+
+def compressed_run(
+    model: torch.nn.Module,
+    inputs: dict[str, Tensor],
+    reference: Reference,
+    method: str,
+    budget: float | int,
+    new_tokens: int,
+    eos: set[int],
+    options: dict[str, object] | None = None,
+) -> dict[str, Any]:
+    """One compressed generation (at most ``new_tokens``), its fidelity to ``reference`` and its report.
+
+    Returns:
+        ``{"tokens": LongTensor [t], "token_agreement": float | None, "kl": float | None,
+        "positions": int, "greedy_prefix": float, "report": dict}``; ``positions`` is how many
+        continuation positions were compared (``None`` metrics when there were none).
+    """
+    ref = reference.tokens
+    with compress(model, method=method, budget=budget, **(options or {})) as report:
+        first_log_probs, cache = _prefill(model, inputs)
+        branch = None  # (cache state, first differing token, its log-probs, position) at the first difference
+        if int(first_log_probs.argmax()) != int(ref[0]):  # numerically possible only: the prefill is uncompressed
+            branch = (CacheSnapshot(cache), first_log_probs.argmax(), first_log_probs, 0)
+        rows = []
+        for i in range(1, len(ref)):  # one token per step: exactly what decoding does
+            log_probs = _step(model, ref[i - 1].view(1, 1), cache)[-1]  # predicts ref[i]
+            rows.append(log_probs)
+            if branch is None and int(log_probs.argmax()) != int(ref[i]):
+                branch = (CacheSnapshot(cache), log_probs.argmax(), log_probs, i)
+        positions = len(rows)
+        if positions:
+            q, p = torch.stack(rows), reference.log_probs[1:]
+            token_agreement = float((q.argmax(-1) == ref[1:]).float().mean())
+            mean_kl = float((p.exp() * (p - q)).sum(-1).mean())
+        else:
+            token_agreement = mean_kl = None
+        if branch is None:
+            tokens, split = ref, len(ref)
+        else:
+            snapshot, token, log_probs, split = branch
+            snapshot.restore()
+            rest, _ = _greedy(model, cache, token, log_probs, new_tokens - split, eos)
+            tokens = torch.cat([ref[:split], rest])
+    return {
+        "tokens": tokens,
+        "token_agreement": token_agreement,
+        "kl": mean_kl,
+        "positions": positions,
+        "greedy_prefix": split / len(ref) if len(ref) else 1.0,
+        "report": report.to_dict(),
+    }

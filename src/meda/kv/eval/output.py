@@ -1,0 +1,80 @@
+"""What ``meda kv eval`` writes besides ``results.json``: a markdown table and accuracy-vs-budget plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(payload: dict[str, Any]) -> str:
+    """One markdown table per task: a row per method, a column per budget, each cell
+    ``accuracy (token agreement / KL)``; the full cache is the reference row."""
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in payload["runs"]:
+        by_task[run["task"]].append(run)
+    lines = [f"# {payload['model']}", ""]
+    for task, runs in by_task.items():
+        budgets = sorted({r["budget"] for r in runs if r["method"] != "full"})
+        samples = max(r["samples"] for r in runs)
+        lines += [
+            f"## {task} ({samples} samples per cell; accuracy, then token agreement / mean KL to the full cache)",
+            "",
+            "| method | " + " | ".join(str(b) for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        full = [r for r in runs if r["method"] == "full"]
+        if full:
+            lines.append(f"| full (budget 1.0) | {_fmt(full[0]['accuracy'])} |" + " |" * (len(budgets) - 1))
+        methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "full"))
+        for method in methods:
+            cells = {r["budget"]: r for r in runs if r["method"] == method}
+            shown = []
+            for b in budgets:
+                r = cells.get(b)
+                fid = r["fidelity"] if r else {}
+                shown.append(
+                    "-" if r is None else f"{_fmt(r['accuracy'])} ({_fmt(fid.get('token_agreement'), 2)} / "
+                    f"{_fmt(fid.get('kl'), 2)})"
+                )
+            lines.append(f"| {method} | " + " | ".join(shown) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_accuracy(payload: dict[str, Any], out: Path) -> list[Path]:
+    """``out/accuracy_{task}.png``: accuracy vs budget, a line per method, the full cache dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in payload["runs"]:
+        by_task[run["task"]].append(run)
+    written = []
+    for task, runs in by_task.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in runs:
+            if run["method"] == "full":
+                ax.axhline(run["accuracy"], color="black", linestyle="--", label="full cache")
+        for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "full"):
+            points = sorted((r["budget"], r["accuracy"]) for r in runs if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (kept fraction of the prompt's KV cache)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{payload['model']}: {task}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out) / f"accuracy_{task.replace(':', '_').replace('/', '_')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

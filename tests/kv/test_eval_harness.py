@@ -1,0 +1,135 @@
+"""The evaluation harness on a tiny random Llama with a character tokenizer (no download).
+
+The fast path of :func:`compressed_run` (one teacher-forced forward, then decoding from a rolled-back
+cache) must answer exactly what ``model.generate`` answers under the same compression; budget 1.0 must
+agree with the full cache everywhere (KL 0); results.json must follow the contract.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from meda.kv import compress
+from meda.kv.eval.fidelity import compressed_run, reference_run
+from meda.kv.eval.harness import evaluate, parse_method, resolve_tasks, split_methods
+from meda.kv.eval.inputs import sample_inputs
+from meda.kv.eval.output import markdown_table, plot_accuracy
+from meda.kv.eval.tasks import Sample, TaskSpec
+from meda.kv.tiny import build_tiny
+
+
+class CharTokenizer:
+    """Bytes as token ids (0-255), a chat template, decode: enough for the harness."""
+
+    chat_template = "plain"
+    eos_token_id = None
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        turns = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return turns + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, texts, return_tensors="pt", add_special_tokens=False):
+        ids = torch.tensor([list(texts[0].encode())[-200:]])  # the last 200 bytes: a short prompt
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) % 256 for i in ids).decode("latin-1")
+
+
+@functools.cache
+def tiny():
+    return build_tiny("llama")
+
+
+def toy_task(name: str = "toy") -> TaskSpec:
+    def make(seed: int, size: int) -> Sample:
+        g = torch.Generator().manual_seed(seed)
+        text = "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (size,), generator=g))
+        return Sample(text=text, answer=text[:1])
+
+    return TaskSpec(name, "text", make, (220, 260), 6, lambda p, s: float(p[:1] == s.answer), "toy")
+
+
+def greedy_under(model, inputs, method, budget, n, options=None):
+    with torch.inference_mode(), compress(model, method=method, budget=budget, **(options or {})):
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "options"),
+    [("snapkv", 0.2, {}), ("meda-paper", 0.1, {}), ("meda", 0.1, {}), ("vlcache", 0.3, {}), ("h2o", 0.05, {})],
+)
+def test_fast_path_matches_generate(method: str, budget: float, options: dict) -> None:
+    t = tiny()
+    tok = CharTokenizer()
+    for seed in (0, 1):
+        inputs = sample_inputs(tok, toy_task().make(seed, 240))
+        with torch.inference_mode():
+            ref = reference_run(t.model, inputs, 8, set())
+            run = compressed_run(t.model, inputs, ref, method, budget, 8, set(), options)
+        expected = greedy_under(t.model, inputs, method, budget, 8, options)
+        assert torch.equal(run["tokens"], expected), (method, seed, run["greedy_prefix"])
+        full = t.model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert torch.equal(ref.tokens, full[0, inputs["input_ids"].shape[1] :])
+        assert run["positions"] == 7 and 0 <= run["token_agreement"] <= 1 and run["kl"] >= -1e-6
+        assert run["report"]["kept_fraction"] < 1
+
+
+def test_budget_one_is_the_reference() -> None:
+    t = tiny()
+    inputs = sample_inputs(CharTokenizer(), toy_task().make(3, 240))
+    with torch.inference_mode():
+        ref = reference_run(t.model, inputs, 8, set())
+        run = compressed_run(t.model, inputs, ref, "meda", 1.0, 8, set())
+    assert torch.equal(run["tokens"], ref.tokens)
+    assert run["token_agreement"] == 1.0 and run["greedy_prefix"] == 1.0 and abs(run["kl"]) < 1e-5
+
+
+def test_evaluate_writes_the_contract(tmp_path: Path) -> None:
+    t = tiny()
+    payload = evaluate(
+        t.model, CharTokenizer(), model_name="tiny-llama", tasks=[toy_task()], methods=["full", "snapkv", "meda:tau=4"],
+        budgets=[0.2, 1.0], samples=2, sizes=[230], out=tmp_path, progress=False,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["model"] == "tiny-llama" and saved["runs"] == payload["runs"]
+    cells = {(r["task"], r["method"], r["budget"]): r for r in saved["runs"]}
+    assert set(cells) == {("toy", "full", 1.0)} | {("toy", m, b) for m in ("snapkv", "meda:tau=4") for b in (0.2, 1.0)}
+    for run in saved["runs"]:
+        assert set(run) >= {"task", "method", "budget", "accuracy", "samples", "fidelity"} and run["samples"] == 2
+    full = cells[("toy", "full", 1.0)]
+    for method in ("snapkv", "meda:tau=4"):  # budget 1.0 keeps everything: the reference's answers exactly
+        exact = cells[("toy", method, 1.0)]
+        assert exact["accuracy"] == full["accuracy"] and exact["fidelity"]["token_agreement"] == 1.0
+        assert exact["fidelity"]["kl"] < 1e-5 and exact["fidelity"]["positions"] == 2 * 5
+        assert cells[("toy", method, 0.2)]["kept_fraction"] < 0.3
+    table = markdown_table(saved)
+    assert "| snapkv |" in table and "| full (budget 1.0) |" in table
+    (png,) = plot_accuracy(saved, tmp_path)
+    assert png.name == "accuracy_toy.png" and png.stat().st_size > 1000
+
+
+def test_method_specs_and_inputs_are_checked() -> None:
+    assert split_methods("full,snapkv") == ["full", "snapkv"]
+    assert split_methods("snapkv;meda:tau=4,merge=none") == ["snapkv", "meda:tau=4,merge=none"]
+    assert parse_method("meda:tau=4,merge=none,score_queries=none") == (
+        "meda", {"tau": 4, "merge": "none", "score_queries": None}
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("nope")
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_method("meda:taux=1")
+    with pytest.raises(ValueError, match="name=value"):
+        parse_method("meda:tau")
+    with pytest.raises(ValueError, match="unknown task"):
+        resolve_tasks(["passkey", "nope"])
+    with pytest.raises(ValueError, match="text-only"):
+        sample_inputs(CharTokenizer(), Sample(text="<image> what?", answer="x", images=[object()]))
+    with pytest.raises(ValueError, match="placeholders"):
+        sample_inputs(CharTokenizer(), Sample(text="<image><image>", answer="x", images=[object()]))
