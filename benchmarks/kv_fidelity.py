@@ -28,10 +28,9 @@ DEFAULT_CONFIGS = [
     "snapkv",
     "streamingllm",
     "h2o",
+    "meda-paper",
+    "meda-paper:merge=none",
     "meda",
-    "meda:tau=2",
-    "meda:merge=none",
-    "meda:merge=none,tau=2",
     "h2o:merge=average",
 ]
 

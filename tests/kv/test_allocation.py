@@ -177,3 +177,60 @@ def test_cuda_inputs():
     expected = head_budgets(scores, keep, valid)
     assert torch.equal(head_budgets(scores.cuda(), keep.cuda(), valid.cuda()).cpu(), expected)
     assert entropy_budgets(torch.rand(5, device="cuda"), 0.2).fractions.sum().item() == pytest.approx(1.0)
+
+
+def test_density_budgets_are_proportional_with_mean_rho() -> None:
+    from meda.kv.allocation import density_budgets
+
+    d = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    res = density_budgets(d, 0.2)
+    torch.testing.assert_close(res.fractions, d / d.mean() * 0.2)
+    clipped = density_budgets(torch.tensor([1.0, 1e-4, 1e-4, 1e-4]), 0.4, alpha_min=0.05)
+    assert abs(float(clipped.fractions.mean()) - 0.4) < 1e-9 and float(clipped.fractions.min()) >= 0.05
+    with pytest.raises(ValueError, match="positive"):
+        density_budgets(torch.tensor([0.5, 0.0]), 0.2)
+
+
+def test_allocator_table_covers_every_recipe_allocator() -> None:
+    from meda.kv.allocation import ALLOCATORS
+    from meda.kv.recipes import Allocator, resolve_recipe
+
+    assert set(ALLOCATORS) == set(Allocator.__args__)
+    stat = torch.tensor([1.0, 2.0, 3.0])
+    for name, fn in ALLOCATORS.items():
+        res = fn(stat if name in ("entropy", "density") else None, 3, 0.3, 1.0, 0.01)
+        assert abs(float(res.fractions.mean()) - 0.3) < 1e-9, name
+    recipe = resolve_recipe("meda", layer_floor=0.5)
+    assert recipe.floor(0.2) == pytest.approx(0.1) and resolve_recipe("meda").floor(0.2) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="layer_floor"):
+        resolve_recipe("meda", layer_floor=2.0)
+
+
+def test_post_vision_density_matches_a_plain_loop() -> None:
+    from meda.kv.sparsity import post_vision_density, post_vision_queries
+
+    gen = torch.Generator().manual_seed(0)
+    batch, q_heads, kv_heads, n, dim = 2, 4, 2, 12, 8
+    query = torch.randn(batch, q_heads, n, dim, generator=gen) * 2
+    key = torch.randn(batch, kv_heads, n, dim, generator=gen) * 2
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    vision = torch.zeros(batch, n, dtype=torch.bool)
+    vision[0, 2:6] = True
+    vision[1, 4:9] = True
+    got = post_vision_density(query, key, vision, valid, scaling=dim**-0.5, threshold=0.05, query_chunk=2)
+    post = post_vision_queries(vision, valid)
+    assert post[0].nonzero().flatten().tolist() == list(range(6, n))
+    assert post[1].nonzero().flatten().tolist() == list(range(9, n))
+    for b in range(batch):
+        dense = total = 0
+        for h in range(q_heads):
+            for i in range(n):
+                if not post[b, i]:
+                    continue
+                keys = [j for j in range(i + 1) if valid[b, j]]
+                logits = torch.stack([query[b, h, i] @ key[b, h // 2, j] * dim**-0.5 for j in keys])
+                p = torch.softmax(logits, 0)
+                dense += int((p >= 0.05 * p.max()).sum())
+                total += len(keys)
+        assert abs(float(got[b]) - dense / total) < 1e-6
