@@ -121,7 +121,7 @@ def test_reset_state_restarts_the_intervals_at_the_reinitialisation() -> None:
 
 
 def test_unknown_optimizer_option_is_one_clear_error() -> None:
-    with pytest.raises(ValueError, match="no option.*ar_alhpa.*ar_alpha"):
+    with pytest.raises(ValueError, match=r"no option.*ar_alhpa.*ar_alpha"):
         TrainConfig(optimizer="adamar", optimizer_options={"ar_alhpa": 0.1})
     with pytest.raises(ValueError, match="takes none"):
         TrainConfig(optimizer="adam", optimizer_options={"ar_alpha": 0.1})
