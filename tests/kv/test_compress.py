@@ -198,10 +198,10 @@ def test_vlm_prompt_without_images_falls_back_to_text_groups(family: str) -> Non
 
 
 def test_unsupported_family_is_named() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import MambaConfig, MambaForCausalLM
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(NotImplementedError, match="gpt2"), compress(model, method="meda", budget=0.2):
+    model = MambaForCausalLM(MambaConfig(num_hidden_layers=1, hidden_size=32, vocab_size=64))
+    with pytest.raises(NotImplementedError, match="MambaForCausalLM"), compress(model, method="meda", budget=0.2):
         pass
 
 

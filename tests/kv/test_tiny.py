@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meda.kv.models import SUPPORTED_FAMILIES, check_supported
+from meda.kv.support import check_supported
 from meda.kv.tiny import (
     FAMILIES,
     PRESETS,
@@ -56,8 +56,8 @@ def test_factory_is_deterministic_and_supported(family: str) -> None:
     assert first.is_vlm == (family in VLM_FAMILIES)
 
 
-def test_families_cover_supported() -> None:
-    assert set(FAMILIES) == set(SUPPORTED_FAMILIES)
+def test_families_are_distinct() -> None:
+    assert len(set(FAMILIES)) == len(FAMILIES)
     assert set(VIDEO_FAMILIES) <= set(VLM_FAMILIES) <= set(FAMILIES)
 
 
@@ -79,8 +79,7 @@ def test_prompt_layout(family: str, video: bool) -> None:
         return
     assert (ids == placeholder).sum(1).unique().numel() == 1  # same media in every row
     for row in range(3):
-        where = (ids[row] == placeholder).nonzero().flatten()
-        assert torch.equal(where, torch.arange(where[0], where[-1] + 1)), "one contiguous run"
+        where = (ids[row] == placeholder).nonzero().flatten()  # runs may be split by markers (test_families)
         assert mask[row, : where[0]].sum() >= 2, "bos and context before the media"
         assert not vision[row, -tiny.question_tokens :].any(), "the question is text"
     if "mm_token_type_ids" in batch:

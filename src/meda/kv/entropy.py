@@ -26,6 +26,7 @@ def cross_modal_entropy(
     valid: Tensor,
     *,
     scaling: float,
+    softcap: float | None = None,
     query_chunk: int = 512,
     query_subset: Tensor | None = None,
 ) -> Tensor:
@@ -36,6 +37,7 @@ def cross_modal_entropy(
         vision: ``BoolTensor [B, N]``, True at vision (or "group A") tokens.
         valid: ``BoolTensor [B, N]``, False at padding.
         scaling: logit scale.
+        softcap: attention-logit soft-cap (``softcap * tanh(logits / softcap)``), None for none.
         query_chunk: query rows per chunk (peak memory about ``2 x B x Hq x query_chunk x N`` floats).
         query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate instead of all
             (a sampled or observation subset); the means then run over the eligible rows of the subset.
@@ -51,7 +53,9 @@ def cross_modal_entropy(
     batch, q_heads = query.shape[0], query.shape[1]
     sums = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)  # [text rows, vision rows]
     counts = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)
-    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset)
+    chunks = causal_logit_chunks(
+        query, key, valid, scaling=scaling, softcap=softcap, query_chunk=query_chunk, query_rows=query_subset
+    )
     for positions, logits, visible in chunks:
         query_vision = vision.gather(1, positions)  # [B, c]
         hidden = ~(visible & (vision[:, None, :] != query_vision[..., None]))[:, None, None]  # [B,1,1,c,N]

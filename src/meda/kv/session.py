@@ -22,27 +22,17 @@ from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
-from meda.kv.models import check_supported
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
+from meda.kv.support import attention_softcap, decoder_layers
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """``{layer_idx: attention module}`` of the text decoder (vision towers excluded)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    found: dict[int, torch.nn.Module] = {}
-    for module in decoder.modules():
-        idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and hasattr(module, "k_proj") and hasattr(module, "q_proj"):
-            found[idx] = module
-    if not found:
-        raise NotImplementedError(
-            f"found no decoder attention layers in {type(model).__name__}; meda.kv supports "
-            "transformers decoders whose attention modules have q_proj/k_proj and a layer_idx"
-        )
-    return dict(sorted(found.items()))
+    """``{layer_idx: attention module}`` of the text decoder (vision towers excluded); decided by capability
+    (:mod:`meda.kv.support`), ``NotImplementedError`` naming the model and what it lacks otherwise."""
+    return decoder_layers(model).modules
 
 
 def parse_budget(budget: float | int) -> float | int:
@@ -73,14 +63,14 @@ class CompressionSession:
         groups: torch.Tensor | None = None,
         question_tokens: int | None = None,
     ):
-        check_supported(model)
+        self.layers = decoder_layers(model)  # raises for models meda.kv cannot compress
         self.model = model
         self.recipe = recipe
         self.budget = parse_budget(budget)
         self.caller_groups = groups
         self.question_tokens = question_tokens or (recipe.window if recipe else 32)
         self.report = CompressionReport(method=method, budget=budget)
-        self.modules = decoder_attention_modules(model)
+        self.modules = self.layers.modules
         self.vision_ids = vision_token_ids(model.config)
         self._configs = _unique_configs(model, self.modules.values())
         self._saved_impl: dict[int, str] = {}
@@ -148,7 +138,7 @@ class CompressionSession:
         if cache is None:
             self.report.notes.append("forward ran without a cache (use_cache=False): nothing to compress")
             return output
-        missing = sorted(set(self.modules) - set(self._scores)) if self.recipe else []
+        missing = sorted(set(self.layers.full) - set(self._scores)) if self.recipe else []
         if missing:
             raise RuntimeError(f"prefill statistics missing for layers {missing}; was the forward interrupted?")
         self._compress(cache)
@@ -199,14 +189,16 @@ class CompressionSession:
     def _observe(self, idx: int, module, query: torch.Tensor, key: torch.Tensor) -> None:
         r = self.recipe
         groups = self._groups_for(query)
-        scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
+        if idx in self.layers.sliding:  # left with its own window cache: no statistics needed
+            return
+        logits = {"scaling": float(module.scaling), "softcap": attention_softcap(module)}
         if r.scorer == "cumulative":
             s = scoring.cumulative_attention_scores(
-                query, key, groups.valid, scaling=scaling, query_subset=_evenly_spaced(query, r.score_queries)
+                query, key, groups.valid, **logits, query_subset=_evenly_spaced(query, r.score_queries)
             )
         elif r.scorer == "window":
             s = scoring.window_attention_scores(
-                query, key, groups.valid, scaling=scaling, window=r.window, pool_kernel=r.pool_kernel
+                query, key, groups.valid, **logits, window=r.window, pool_kernel=r.pool_kernel
             )
         else:  # recency: later tokens score higher
             pos = torch.arange(key.shape[-2], device=key.device, dtype=torch.float32)
@@ -218,45 +210,61 @@ class CompressionSession:
                 key,
                 groups.vision,
                 groups.valid,
-                scaling=scaling,
+                **logits,
                 query_subset=_evenly_spaced(query, r.entropy_queries),
             )
         if r.allocator == "density":
-            self._density[idx] = sparsity.post_vision_density(query, key, groups.vision, groups.valid, scaling=scaling)
+            self._density[idx] = sparsity.post_vision_density(query, key, groups.vision, groups.valid, **logits)
 
     # ---- compression -------------------------------------------------------------------
     def _compress(self, cache) -> None:
         rep = self.report
         rep.kv_bytes_before = cache_bytes(cache)
         rep.compressions += 1
+        rep.sliding_layers, rep.sliding_window = list(self.layers.sliding), self.layers.window
         if self.recipe is None:  # method "full": measure only
             rep.kv_bytes_after = rep.kv_bytes_before
-            first = cache.layers[next(iter(self.modules))]
+            first = cache.layers[self.layers.full[0]]
             mask = self._inputs.get("attention_mask")
-            n_tokens = mask.sum(-1).float().mean() if mask is not None and mask.dim() == 2 else first.keys.shape[-2]
-            rep.prefill_tokens = round(float(n_tokens))
-            rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
-            rep.layer_fractions = [1.0] * len(self.modules)
+            if mask is not None and mask.dim() == 2:
+                valid = mask.to(device=first.keys.device, dtype=torch.bool)
+            else:
+                valid = first.keys.new_ones(first.keys.shape[0], first.keys.shape[-2], dtype=torch.bool)
+            n = valid.sum(-1)
+            rep.prefill_tokens = round(float(n.float().mean()))
+            held = {i: _held_tokens(cache.layers[i], valid) for i in self.modules}
+            rep.layer_tokens = [round(float(held[i].float().mean())) for i in self.modules]
+            rep.layer_fractions = [float((held[i] / n.clamp_min(1)).mean()) for i in self.modules]
             return
         groups = self._groups
         n = groups.valid.sum(-1)  # [B]
-        layers = list(self.modules)
+        layers = list(self.layers.full)
+        rep.compressed_layers = layers
         fractions, clipped_layers = self._allocate(layers, n)  # [L, B]
         counts = torch.stack(
             [allocation.fractions_to_counts(fractions[:, b], int(n[b]))[:, 0] for b in range(len(n))], dim=1
         )  # [L, B]
         rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
+        if self.layers.sliding:
+            rep.notes.append(
+                f"{len(self.layers.sliding)} of {len(self.modules)} layers use sliding-window attention "
+                f"(window {self.layers.window}) and keep their own window cache; the budget is the mean kept "
+                f"fraction of the {len(layers)} compressed full-attention layers"
+            )
         rep.clipped = {"layer_budget": clipped_layers} if clipped_layers else {}
         self._cache_layers = weakref.WeakValueDictionary()
-        kept_per_layer, evicted, merged = [], 0.0, 0.0
+        kept, fraction, evicted, merged = {}, {}, 0.0, 0.0
         for li, idx in enumerate(layers):
             new, dropped, absorbed = self._compress_layer(idx, cache.layers[idx], counts[li], n)
             cache.layers[idx] = self._cache_layers[idx] = new
-            kept_per_layer.append(float(new.key_mask.sum(-1).float().mean()))
+            kept[idx], fraction[idx] = float(new.key_mask.sum(-1).float().mean()), float(fractions[li].mean())
             evicted, merged = evicted + dropped, merged + absorbed
+        for idx in self.layers.sliding:
+            held = _held_tokens(cache.layers[idx], groups.valid)
+            kept[idx], fraction[idx] = float(held.float().mean()), float((held / n.clamp_min(1)).mean())
         rep.prefill_tokens = round(float(n.float().mean()))
-        rep.layer_tokens = [round(t) for t in kept_per_layer]
-        rep.layer_fractions = [float(f) for f in fractions.mean(-1)]
+        rep.layer_tokens = [round(kept[i]) for i in self.modules]
+        rep.layer_fractions = [fraction[i] for i in self.modules]
         rep.layer_entropy = [float(self._entropy[i].mean()) for i in layers] if self._entropy else []
         rep.evicted_tokens = round(evicted)
         rep.merged_tokens = round(merged)
@@ -273,8 +281,9 @@ class CompressionSession:
         r, rep, groups = self.recipe, self.report, self._groups
         valid = groups.valid
         if getattr(layer, "is_sliding", False):
-            raise NotImplementedError(
-                f"layer {idx} uses sliding-window attention; meda.kv compresses full-attention layers only"
+            raise RuntimeError(
+                f"cache layer {idx} is a sliding-window layer but the model's config makes layer {idx} full "
+                "attention; let generate build the cache, or pass DynamicCache(config=model.config)"
             )
         scores = self._scores[idx]
         keep = counts.to(valid.device)[:, None]  # [B, 1]
@@ -320,6 +329,15 @@ class CompressionSession:
             cols.append(res.fractions.float().cpu())
             clipped = max(clipped, res.clipped_layers)
         return torch.stack(cols, dim=1), clipped
+
+
+def _held_tokens(layer, valid: torch.Tensor) -> torch.Tensor:
+    """Valid prompt tokens ``[B]`` an untouched cache layer holds (a sliding layer: the last ones of its window).
+
+    ``valid [B, N]`` marks real tokens of the prefill; the layer stores the last ``stored <= N`` positions.
+    """
+    stored = layer.keys.shape[-2]
+    return valid[:, valid.shape[-1] - stored :].sum(-1)
 
 
 def _evenly_spaced(query: torch.Tensor, count: int | None) -> torch.Tensor | None:

@@ -20,15 +20,44 @@ from typing import Any
 
 import torch
 
-from meda.kv.models import TEXT_FAMILIES, VISION_FAMILIES
-
-FAMILIES: tuple[str, ...] = TEXT_FAMILIES + VISION_FAMILIES
-VLM_FAMILIES: tuple[str, ...] = VISION_FAMILIES
-VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl")
+TEXT_FAMILIES: tuple[str, ...] = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "granite",
+    "cohere2",
+)
+VLM_FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_onevision",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "mistral3",
+    "internvl",
+    "gemma3",
+)
+FAMILIES: tuple[str, ...] = TEXT_FAMILIES + VLM_FAMILIES
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# families whose sdpa path cannot apply their attention (Gemma 2's logit soft-capping): always built with eager
+EAGER_ONLY: tuple[str, ...] = ("gemma2",)
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TEXT_IDS = (3, 500)
+# markers around / inside image runs: <fake_token_around_image> / <img> / [IMG_BREAK], </img> / [IMG_END],
+# <global-img>, and Idefics3's tile tokens <row_1_col_1>, <row_1_col_2>
+MEDIA_OPEN_ID, MEDIA_CLOSE_ID, IMAGE_BREAK_ID, GLOBAL_IMAGE_ID = 500, 501, 502, 503
+TILE_IDS = (504, 505)
 IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 508, 509, 510, 511
+SLIDING_WINDOW = 32  # shorter than every tiny prompt, so sliding layers really drop tokens
 QUESTION_TOKENS = 8
 DEFAULT_LENGTH = 96
 
@@ -46,8 +75,23 @@ TINY_TEXT = {
     "eos_token_id": EOS_ID,
     "tie_word_embeddings": False,
 }
+_HYBRID = ["sliding_attention", "full_attention"] * 2
 # Mistral-7B-v0.1 used a 4096-token sliding window; v0.2+ and the tiny model use full attention.
-TEXT_EXTRAS: dict[str, dict[str, Any]] = {"mistral": {"sliding_window": None}}
+# Gemma 2 / 3 alternate sliding and full layers here (Gemma 3 ships 5:1); Cohere 2 ships 3:1 as here.
+# Gemma scales queries by query_pre_attn_scalar^-0.5 (not head_dim^-0.5), Gemma 2 soft-caps attention
+# logits at 50; Granite scales logits by attention_multiplier (1/head_dim, as Granite 3 does).
+TEXT_EXTRAS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": None},
+    "gemma2": {"sliding_window": SLIDING_WINDOW, "layer_types": _HYBRID, "query_pre_attn_scalar": 32},
+    "gemma3_text": {"sliding_window": SLIDING_WINDOW, "layer_types": _HYBRID, "query_pre_attn_scalar": 32},
+    "cohere2": {"sliding_window": SLIDING_WINDOW, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "granite": {
+        "attention_multiplier": 1 / 16,
+        "embedding_multiplier": 4.0,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 2.0,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -78,7 +122,7 @@ class TinyModel:
     video_token_id: int | None
     question_tokens: int = QUESTION_TOKENS
     media_builder: MediaBuilder | None = field(default=None, repr=False)
-    mark_token_types: bool = False
+    token_type_key: str | None = None
 
     @property
     def is_vlm(self) -> bool:
@@ -116,8 +160,8 @@ class TinyModel:
             rows.append(self._prompt(length, item.tokens if item else [], generator))
             media.append(item)
         out = _left_pad(rows, pad_id=_pad_id(self.model.config))
-        if self.mark_token_types:
-            out["mm_token_type_ids"] = token_types(out["input_ids"], self.image_token_id, self.video_token_id)
+        if self.token_type_key:
+            out[self.token_type_key] = token_types(out["input_ids"], self.image_token_id, self.video_token_id)
         if self.is_vlm:
             out |= {key: torch.cat([m.tensors[key] for m in media]) for key in media[0].tensors}
         return {key: _to_model(value, self.model) for key, value in out.items()}
@@ -173,12 +217,17 @@ def _to_model(value: torch.Tensor, model: Any) -> torch.Tensor:
 # ---------------------------------------------------------------- vision inputs, one builder per processor
 
 
+TIMESTAMP_TOKENS = 4  # Qwen3-VL writes "<0.5 seconds>" before each frame: a few text tokens
+
+
 def qwen_vl_media(config: Any, generator: torch.Generator, video: bool) -> Media:
-    """Qwen2-VL / Qwen2.5-VL: ``<|vision_start|>`` + t*h*w/merge^2 pads + ``<|vision_end|>``.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``<|vision_start|>`` + t*h*w/merge^2 pads + ``<|vision_end|>``.
 
     Patches are flattened to ``[t*h*w, channels * temporal_patch * patch^2]`` with the grid in
     ``image_grid_thw`` (images repeat their frame over the temporal patch, so t = 1) or
     ``video_grid_thw``; Qwen2.5-VL videos also get ``second_per_grid_ts`` (temporal_patch / fps, fps 2).
+    Qwen3-VL videos are one ``<t seconds><|vision_start|>`` + h*w/merge^2 pads + ``<|vision_end|>`` per
+    temporal step, as ``Qwen3VLProcessor`` writes them (the timestamp is text).
     """
     vision = config.vision_config
     merge = vision.spatial_merge_size
@@ -186,7 +235,12 @@ def qwen_vl_media(config: Any, generator: torch.Generator, video: bool) -> Media
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     pixels = torch.randn(math.prod(grid), width, generator=generator)
     placeholder = config.video_token_id if video else config.image_token_id
-    tokens = [config.vision_start_token_id, *[placeholder] * (math.prod(grid) // merge**2), config.vision_end_token_id]
+    steps = grid[0] if video and config.model_type == "qwen3_vl" else 1
+    tokens = []
+    for _ in range(steps):
+        stamp = torch.randint(*TEXT_IDS, (TIMESTAMP_TOKENS,), generator=generator).tolist() if steps > 1 else []
+        pads = [placeholder] * (math.prod(grid) // steps // merge**2)
+        tokens += [*stamp, config.vision_start_token_id, *pads, config.vision_end_token_id]
     grid_thw = torch.tensor([grid])
     if not video:
         return Media(tokens, {"pixel_values": pixels, "image_grid_thw": grid_thw})
@@ -208,26 +262,27 @@ def llava_media(config: Any, generator: torch.Generator, video: bool) -> Media:
 ONEVISION_IMAGE_SIZE = (12, 60)  # (height, width): a 1x2 anyres crop grid whose unpadding drops rows
 
 
-def onevision_media(config: Any, generator: torch.Generator, video: bool) -> Media:
-    """LLaVA-OneVision anyres: base crop + best-resolution crops, unpadded features and row newlines.
+def anyres_media(config: Any, generator: torch.Generator, video: bool) -> Media:
+    """LLaVA-NeXT / OneVision anyres: base crop + best-resolution crops, unpadded features and row newlines.
 
     ``pixel_values`` is ``[1, crops, channels, size, size]`` and ``image_sizes`` ``[1, 2]`` (height, width).
     """
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     _no_video(config, video)
     vision = config.vision_config
     crops = image_size_to_num_patches(ONEVISION_IMAGE_SIZE, config.image_grid_pinpoints, vision.image_size)
     shape = (1, crops, vision.num_channels, vision.image_size, vision.image_size)
     pixels = torch.randn(*shape, generator=generator)
-    count = onevision_image_tokens(config, *ONEVISION_IMAGE_SIZE)
+    count = anyres_image_tokens(config, *ONEVISION_IMAGE_SIZE)
     sizes = torch.tensor([ONEVISION_IMAGE_SIZE])
     tokens = [_config_id(config, "image_token_id", "image_token_index")] * count
     return Media(tokens, {"pixel_values": pixels, "image_sizes": sizes})
 
 
-def onevision_image_tokens(config: Any, height: int, width: int) -> int:
-    """Image tokens of one ``height x width`` image, computed as ``LlavaOnevisionProcessor`` does."""
+def anyres_image_tokens(config: Any, height: int, width: int) -> int:
+    """Image tokens of one ``height x width`` image, computed as ``LlavaNextProcessor`` (and, with its
+    ``anyres_max_N`` cap, ``LlavaOnevisionProcessor``) does."""
     from transformers.image_processing_utils import select_best_resolution
 
     side = config.vision_config.image_size
@@ -239,12 +294,80 @@ def onevision_image_tokens(config: Any, height: int, width: int) -> int:
     else:
         cols -= 2 * ((cols - int(round(width * (rows / height), 7))) // 2)
     unpadded, newlines = rows * cols, rows
-    max_crops = int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
-    ratio = math.sqrt(rows * cols / (max_crops * patches**2))
-    if ratio > 1.1:
-        unpadded, newlines = int(rows // ratio) * int(cols // ratio), int(rows // ratio)
-    count = patches**2 + unpadded + newlines
+    if (aspect := getattr(config, "vision_aspect_ratio", None)) is not None:
+        max_crops = int(aspect.removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_crops * patches**2))
+        if ratio > 1.1:
+            unpadded, newlines = int(rows // ratio) * int(cols // ratio), int(rows // ratio)
+    cls = config.vision_config.model_type == "clip_vision_model"  # CLIP's CLS, dropped by "default"
+    count = patches**2 + cls + unpadded + newlines
     return count - (config.vision_feature_select_strategy == "default")
+
+
+def onevision_image_tokens(config: Any, height: int, width: int) -> int:
+    """Image tokens of one ``height x width`` image, computed as ``LlavaOnevisionProcessor`` does."""
+    return anyres_image_tokens(config, height, width)
+
+
+def idefics3_media(config: Any, generator: torch.Generator, video: bool) -> Media:
+    """Idefics3 / SmolVLM with image splitting: a 1x2 grid of tiles, then the downscaled global image.
+
+    Tokens as ``Idefics3Processor`` writes them: per tile ``<fake_token_around_image><row_1_col_j>`` + ``<image>``
+    x seq, a newline after the row, then ``\\n<fake_token_around_image><global-img>`` + ``<image>`` x seq +
+    ``<fake_token_around_image>``, with seq = (size / patch)^2 / scale_factor^2. ``pixel_values`` is
+    ``[1, 3, channels, size, size]`` (tiles then the global image) with a full ``pixel_attention_mask``.
+    """
+    _no_video(config, video)
+    vision = config.vision_config
+    seq = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+    image, newline = [config.image_token_id] * seq, int(torch.randint(*TEXT_IDS, (1,), generator=generator))
+    tokens = [token for tile in TILE_IDS for token in (MEDIA_OPEN_ID, tile, *image)]
+    tokens += [newline, newline, MEDIA_OPEN_ID, GLOBAL_IMAGE_ID, *image, MEDIA_OPEN_ID]
+    shape = (1, len(TILE_IDS) + 1, vision.num_channels, vision.image_size, vision.image_size)
+    pixels = torch.randn(*shape, generator=generator)
+    mask = torch.ones(shape[0], shape[1], vision.image_size, vision.image_size, dtype=torch.bool)
+    return Media(tokens, {"pixel_values": pixels, "pixel_attention_mask": mask})
+
+
+PIXTRAL_IMAGE_SIZE = (32, 48)  # (height, width), multiples of patch x spatial merge
+
+
+def pixtral_media(config: Any, generator: torch.Generator, video: bool) -> Media:
+    """Mistral 3 (Pixtral tower): one ``[IMG]`` per merged patch, ``[IMG_BREAK]`` after each row and
+    ``[IMG_END]`` in place of the last break, as ``PixtralProcessor`` writes them; ``image_sizes`` ``[1, 2]``."""
+    _no_video(config, video)
+    height, width = PIXTRAL_IMAGE_SIZE
+    step = config.vision_config.patch_size * config.spatial_merge_size
+    row = [config.image_token_index] * (width // step) + [IMAGE_BREAK_ID]
+    tokens = row * (height // step)
+    tokens[-1] = MEDIA_CLOSE_ID
+    pixels = torch.randn(1, config.vision_config.num_channels, height, width, generator=generator)
+    return Media(tokens, {"pixel_values": pixels, "image_sizes": torch.tensor([PIXTRAL_IMAGE_SIZE])})
+
+
+INTERNVL_PATCHES = 3  # a 2:1 picture: two 1x2 tiles plus the thumbnail, as crop_to_patches makes it
+
+
+def internvl_media(config: Any, generator: torch.Generator, video: bool) -> Media:
+    """InternVL: ``<img>`` + ``<IMG_CONTEXT>`` x (seq x patches) + ``</img>``, seq = (size / patch)^2 x
+    downsample_ratio^2, as ``InternVLProcessor`` writes it; ``pixel_values`` ``[patches, channels, size, size]``."""
+    _no_video(config, video)
+    vision = config.vision_config
+    height, width = vision.image_size
+    seq = round((height // vision.patch_size[0]) * (width // vision.patch_size[1]) * config.downsample_ratio**2)
+    tokens = [MEDIA_OPEN_ID, *[config.image_token_id] * (seq * INTERNVL_PATCHES), MEDIA_CLOSE_ID]
+    pixels = torch.randn(INTERNVL_PATCHES, vision.num_channels, height, width, generator=generator)
+    return Media(tokens, {"pixel_values": pixels})
+
+
+def gemma3_media(config: Any, generator: torch.Generator, video: bool) -> Media:
+    """Gemma 3: ``<start_of_image>`` + ``<image_soft_token>`` x mm_tokens_per_image + ``<end_of_image>``, and
+    ``token_type_ids`` 1 on the soft tokens (the processor's; the model attends bidirectionally within an image)."""
+    _no_video(config, video)
+    vision = config.vision_config
+    tokens = [config.boi_token_index, *[config.image_token_index] * config.mm_tokens_per_image, config.eoi_token_index]
+    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    return Media(tokens, {"pixel_values": pixels})
 
 
 def _no_video(config: Any, video: bool) -> None:
@@ -266,10 +389,14 @@ def _text_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _qwen_vl_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Qwen2-VL / Qwen2.5-VL: M-RoPE decoder and a two-block vision tower (Qwen2.5: windowed + one full block)."""
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: M-RoPE decoder (Qwen3: interleaved sections, q/k norms) and a two-block
+    vision tower (Qwen2.5: windowed + one full block; Qwen3: learned position grid, DeepStack from block 0)."""
     text = _text(f"{family}_text", overrides)
     half = text["head_dim"] // 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _thirds(half)}
+    if family == "qwen3_vl":  # 24:20:20 of 64 in the real model; interleaved t/h/w frequencies
+        text["rope_parameters"] |= {"mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+        text["rope_parameters"] |= {"mrope_interleaved": True}
     vision = {
         "qwen2_vl": {"depth": 2, "embed_dim": 32, "hidden_size": text["hidden_size"], "num_heads": 2, "mlp_ratio": 2},
         "qwen2_5_vl": {
@@ -281,6 +408,16 @@ def _qwen_vl_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
             "fullatt_block_indexes": [1],
             "window_size": 112,
             "tokens_per_second": 2,
+        },
+        "qwen3_vl": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": 8,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": [0],
         },
     }[family]
     return {
@@ -339,21 +476,100 @@ def _onevision_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _llava_next_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """LLaVA-NeXT: mistral decoder (as LLaVA-NeXT-Mistral), CLIP tower with CLS, anyres grids up to 2x2."""
+    side = 32
+    return {
+        "text_config": _text("mistral", overrides),
+        "vision_config": {**_tower("clip_vision_model", side, 8), "projection_dim": 32},
+        "image_token_index": IMAGE_ID,
+        "image_grid_pinpoints": [[side * h, side * w] for h in (1, 2) for w in (1, 2)],
+    }
+
+
+def _idefics3_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Idefics3 / SmolVLM: llama decoder, SigLIP-like tower, pixel shuffle by ``scale_factor`` 2."""
+    return {
+        "text_config": _text("llama", overrides),
+        "vision_config": _tower(f"{family}_vision", 32, 8),
+        "scale_factor": 2,
+        "image_token_id": IMAGE_ID,
+    }
+
+
+def _mistral3_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Mistral 3: mistral decoder, Pixtral tower (2-D RoPE over any image size), 2x2 patch merger."""
+    vision = {**_tower("pixtral", 64, 8), "head_dim": 16}
+    return {
+        "text_config": _text("mistral", overrides),
+        "vision_config": vision,
+        "image_token_index": IMAGE_ID,
+        "spatial_merge_size": 2,
+        "vision_feature_layer": -1,
+    }
+
+
+def _internvl_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """InternVL 3: qwen2 decoder, InternViT tower, pixel shuffle by ``downsample_ratio`` 0.5."""
+    vision = {**_tower("internvl_vision", 32, 8), "image_size": [32, 32], "patch_size": [8, 8]}
+    return {
+        "text_config": _text("qwen2", overrides),
+        "vision_config": vision,
+        "image_token_id": IMAGE_ID,
+        "downsample_ratio": 0.5,
+        "vision_feature_layer": -1,
+    }
+
+
+def _gemma3_config(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3: gemma3_text decoder (sliding + full layers), SigLIP tower, 2x2-pooled image soft tokens."""
+    return {
+        "text_config": _text("gemma3_text", overrides),
+        "vision_config": _tower("siglip_vision_model", 32, 8),
+        "mm_tokens_per_image": 4,
+        "image_token_index": IMAGE_ID,
+        "boi_token_index": VISION_START_ID,
+        "eoi_token_index": VISION_END_ID,
+    }
+
+
+def _tower(model_type: str, image_size: int, patch_size: int) -> dict[str, Any]:
+    """A two-layer vision tower config of ``model_type`` (hidden 32, 2 heads)."""
+    return {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
 @dataclass(frozen=True)
 class FamilySpec:
-    """How to build one family: config kwargs from shape overrides, and its vision inputs."""
+    """How to build one family: config kwargs from shape overrides, its vision inputs, and the processor's
+    token-type key (``mm_token_type_ids`` for Qwen-VL, ``token_type_ids`` for Gemma 3), if any."""
 
     config: Callable[[str, dict[str, Any]], dict[str, Any]]
     media: MediaBuilder | None = None
-    mark_token_types: bool = False
+    token_type_key: str | None = None
 
 
 SPECS: dict[str, FamilySpec] = {
     **{name: FamilySpec(_text_config) for name in TEXT_FAMILIES},
     "llava": FamilySpec(_llava_config, llava_media),
-    "llava_onevision": FamilySpec(_onevision_config, onevision_media),
-    "qwen2_vl": FamilySpec(_qwen_vl_config, qwen_vl_media, mark_token_types=True),
-    "qwen2_5_vl": FamilySpec(_qwen_vl_config, qwen_vl_media, mark_token_types=True),
+    "llava_onevision": FamilySpec(_onevision_config, anyres_media),
+    "llava_next": FamilySpec(_llava_next_config, anyres_media),
+    **{
+        name: FamilySpec(_qwen_vl_config, qwen_vl_media, token_type_key="mm_token_type_ids")
+        for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    },
+    "idefics3": FamilySpec(_idefics3_config, idefics3_media),
+    "smolvlm": FamilySpec(_idefics3_config, idefics3_media),
+    "mistral3": FamilySpec(_mistral3_config, pixtral_media),
+    "internvl": FamilySpec(_internvl_config, internvl_media),
+    "gemma3": FamilySpec(_gemma3_config, gemma3_media, token_type_key="token_type_ids"),
 }
 
 
@@ -471,6 +687,7 @@ def _wrap(family: str, config: Any, attn: str, seed: int, dtype: torch.dtype, de
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     spec = SPECS[family]
+    attn = "eager" if family in EAGER_ONLY else attn
     auto = AutoModelForImageTextToText if spec.media else AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -484,7 +701,7 @@ def _wrap(family: str, config: Any, attn: str, seed: int, dtype: torch.dtype, de
         image_token_id=_config_id(config, "image_token_id", "image_token_index") if spec.media else None,
         video_token_id=_config_id(config, "video_token_id", "video_token_index") if spec.media else None,
         media_builder=spec.media,
-        mark_token_types=spec.mark_token_types,
+        token_type_key=spec.token_type_key,
     )
 
 
