@@ -151,6 +151,9 @@ def train(
         "off", help="torch.compile: off, default, reduce-overhead (CUDA graphs) or max-autotune."
     ),
     resident: str = typer.Option("auto", help="Keep in-memory splits on the device: auto (if it fits), on, off."),
+    embedding_backend: str = typer.Option(
+        "native", help="native tables, or torchrec (EmbeddingBagCollection; needs torchrec 1.8, see docs/ctr.md)."
+    ),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
@@ -214,7 +217,7 @@ def train(
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
             serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device, precision=precision,
-            compile=compile, resident=resident,
+            compile=compile, resident=resident, embedding_backend=embedding_backend,
         )  # fmt: skip
         distributed.init(device)
     except (ValueError, TypeError) as err:

@@ -42,6 +42,7 @@ from meda.report import write_json
 MONITORS = ("valid_auc", "valid_logloss", "valid_gauc")
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs
+EMBEDDING_BACKENDS = ("native", "torchrec")
 
 
 class DatasetLike(Protocol):
@@ -89,6 +90,7 @@ class TrainConfig:
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (loss and optimiser stay fp32)
     compile: str = "off"  # torch.compile mode of the model's forward, see COMPILE_MODES
     resident: str = "auto"  # keep in-memory splits as tensors on the device (see meda.ctr.sources)
+    embedding_backend: str = "native"  # or "torchrec": tables in an EmbeddingBagCollection (meda.ctr.torchrec_backend)
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
     lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
@@ -115,7 +117,8 @@ class TrainConfig:
         if self.lr_plateau_factor is not None and not 0 < self.lr_plateau_factor < 1:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (or None), got {self.lr_plateau_factor}")
         resolve_device(self.device)  # validates the name
-        choices = {"precision": PRECISIONS, "compile": COMPILE_MODES, "resident": RESIDENT}
+        choices = {"precision": PRECISIONS, "compile": COMPILE_MODES, "resident": RESIDENT,
+                   "embedding_backend": EMBEDDING_BACKENDS}  # fmt: skip
         for name, allowed in choices.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -189,6 +192,10 @@ class Trainer:
         self.plan = self.mode.plan(config.epochs, len(self.chunks))
         torch.manual_seed(config.seed)  # the same seed on every rank: identical initial tables and network
         self.model: CTRModel = build_model(config.model, dataset.feature_map, **build_model_options(config))
+        if config.embedding_backend == "torchrec":
+            from meda.ctr.torchrec_backend import use_torchrec
+
+            use_torchrec(self.model)
         self.groups = EmbeddingGroups(self.model, self.mode.groups(config.epochs), config.seed)
         self.model.to(self.device)
         self.groups.to(self.device)
