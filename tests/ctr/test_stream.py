@@ -136,3 +136,24 @@ def test_cli_trains_on_a_directory_with_the_metrics_contract(shard_dir: Path, tm
     assert {"valid_auc", "test_auc", "test_logloss", "train_loss"} <= set(metrics["epochs"][0])
     assert metrics["timing"][0]["train_rows"] == metrics["data"]["split_sizes"]["train"]
     assert len(metrics["data"]["shards"]) == 5
+
+
+def test_streamed_run_killed_mid_epoch_resumes_to_the_same_metrics(shard_dir: Path, tmp_path: Path) -> None:
+    from meda.ctr.train import TrainConfig, train
+
+    ds = load_dataset(shard_dir, "parquet", cache_dir=tmp_path / "cache", shuffle_rows=1500)
+    cfg = TrainConfig(mode="meda", epochs=2, batch_size=256, embedding_dim=4, hidden_units=(16,), checkpoint_every=4)
+    full = train(ds, cfg, tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int) -> None:
+        if step == 22:  # mid-epoch 2 (16 steps an epoch), two steps after the step-20 checkpoint
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(ds, cfg, tmp_path / "killed", on_step=kill)
+    resumed = train(ds, cfg, tmp_path / "killed", resume=True)
+    figures = [[{k: v for k, v in e.items() if k != "seconds"} for e in r["epochs"]] for r in (full, resumed)]
+    assert figures[0] == figures[1]
