@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     running: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     image_norm = torch.zeros((), device=device)
-    for batch in loader:
+    batches, waited, window_start = iter(loader), 0.0, time.perf_counter()
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches)
+        waited += time.perf_counter() - asked  # host time blocked on the data workers (data-bound if large)
         progress = (time.perf_counter() - t0) / budget
         if progress >= 1.0 or (args.max_steps is not None and step >= args.max_steps):
             break
@@ -245,9 +249,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "elapsed_s": round(elapsed, 1),
                     "tokens_per_s": round(tokens / max(elapsed - spent, 1e-6)),
                     "lr_factor": round(factor, 3),
+                    "data_wait": round(waited / max(time.perf_counter() - window_start, 1e-6), 3),
                 },
             )
-            running, counts = {}, {}
+            running, counts, waited, window_start = {}, {}, 0.0, time.perf_counter()
             image_norm = torch.zeros((), device=device)
         if time.perf_counter() - last_save > args.save_every:
             save(model, optimizer, step, time.perf_counter() - t0, ckpt, out, meta)
