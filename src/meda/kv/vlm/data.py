@@ -86,12 +86,14 @@ class Batch:
 
 
 def draw_spec(
-    seed: int, index: int, max_images: int, tasks: tuple[str, ...] = tuple(TRAIN_TASKS)
+    seed: int, index: int, max_images: int, tasks: tuple[str, ...] = tuple(TRAIN_TASKS), describe_first: int = 0
 ) -> tuple[str, int, int]:
-    """``(task, images per sample, salt of the sample seeds)`` of batch ``index``, the task drawn from
-    ``tasks`` by weight; sizes half log-uniform, half uniform (``describe``: 1-8 images)."""
+    """``(task, images per sample, salt of the sample seeds)`` of batch ``index``: ``describe`` for the first
+    ``describe_first`` batches (grounding the vision tower first), then a task drawn from ``tasks`` by
+    weight; sizes half log-uniform, half uniform (``describe``: 1-8 images)."""
     rng = random.Random(f"{seed}/{index}")
-    task = rng.choices(tasks, weights=[TRAIN_TASKS[n][1] for n in tasks])[0]
+    drawn = rng.choices(tasks, weights=[TRAIN_TASKS[n][1] for n in tasks])[0]
+    task = "describe" if index < describe_first else drawn
     low, high = (1, min(8, max_images)) if task == "describe" else (min(3, max_images), max_images)
     size = round(low * (high / low) ** rng.random()) if rng.random() < 0.5 else rng.randint(low, high)
     return task, max(low, min(high, size)), rng.randrange(2**31)
@@ -104,9 +106,10 @@ def make_batch(
     max_images: int,
     tokens_per_batch: int,
     tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
+    describe_first: int = 0,
 ) -> Batch:
     """Batch ``index`` of the stream ``seed``: as many samples of one task and size as fit the token budget."""
-    task, size, salt = draw_spec(seed, index, max_images, tasks)
+    task, size, salt = draw_spec(seed, index, max_images, tasks, describe_first)
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
@@ -144,9 +147,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         max_images: int,
         tokens_per_batch: int,
         tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
+        describe_first: int = 0,
     ) -> None:
         super().__init__()
         self.processor, self.seed, self.start, self.tasks = processor, seed, start, tasks
+        self.describe_first = describe_first
         self.max_images, self.tokens_per_batch = max_images, tokens_per_batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -154,5 +159,13 @@ class BatchStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         index = self.start + worker
         while True:
-            yield make_batch(self.processor, self.seed, index, self.max_images, self.tokens_per_batch, self.tasks)
+            yield make_batch(
+                self.processor,
+                self.seed,
+                index,
+                self.max_images,
+                self.tokens_per_batch,
+                self.tasks,
+                self.describe_first,
+            )
             index += workers

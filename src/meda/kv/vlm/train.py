@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", type=int, default=65536, help="tokens per batch (large: the step is launch-bound)")
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="training tasks (comma-separated)")
+    p.add_argument("--describe-first", type=int, default=100, help="batches of the describe task before the mix")
     p.add_argument(
         "--norm-weight",
         type=float,
@@ -176,9 +177,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step, spent = state["step"], state["spent"]
         log(out, {"event": "resumed", "step": step, "spent_s": round(spent, 1)})
     budget = args.minutes * 60
-    # Data workers leave cores to the main process, whose own intra-op threads are capped: with every core
-    # busy rendering, a 16-thread main process was starved and the step ran at 40k tokens/s on an H200.
-    workers = args.workers if args.workers is not None else (min(8, max(1, (os.cpu_count() or 2) - 4)) if cuda else 0)
+    # Data workers leave cores to the main process, whose own intra-op threads are capped (a 16-thread main
+    # process next to 14 busy workers is the suspected cause of the first H200 run's 40k tokens/s; the
+    # log's data_wait tells whether the workers or the step are the limit).
+    workers = args.workers if args.workers is not None else (max(1, (os.cpu_count() or 2) - 4) if cuda else 0)
     if cuda:
         torch.set_num_threads(2)
     tasks = tuple(args.tasks.split(","))
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown training task(s) {unknown}; choose from {', '.join(TRAIN_TASKS)}")
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
-    stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, tasks)
+    stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
     )
