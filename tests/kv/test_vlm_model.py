@@ -74,7 +74,7 @@ def test_lora_starts_equal_to_the_base_and_adds_scaled_b_a() -> None:
 
 @needs_smollm2
 def test_processor_expands_each_image_into_its_tokens(processor) -> None:
-    from meda.kv.vlm.data import sample_inputs
+    from meda.kv.eval.inputs import sample_inputs
 
     sample = get_task("mm-needle").make(0, 8)
     enc = sample_inputs(processor, sample)
@@ -94,7 +94,7 @@ def test_processor_expands_each_image_into_its_tokens(processor) -> None:
 
 @needs_smollm2
 def test_largest_task_size_is_within_smollm2_context(processor) -> None:
-    from meda.kv.vlm.data import sample_inputs
+    from meda.kv.eval.inputs import sample_inputs
 
     for name in ("mm-needle", "mm-count", "mm-order", "mm-assoc"):
         tokens = sample_inputs(processor, get_task(name).make(0, 64))["input_ids"].shape[1]
@@ -103,7 +103,7 @@ def test_largest_task_size_is_within_smollm2_context(processor) -> None:
 
 @needs_smollm2
 def test_tiny_llava_runs_a_task_sample_and_lora_merge_keeps_outputs(processor) -> None:
-    from meda.kv.vlm.data import sample_inputs
+    from meda.kv.eval.inputs import sample_inputs
 
     model, lm = tiny_vlm(processor)
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
@@ -172,7 +172,7 @@ def test_shipped_weights_are_in_the_package_and_small() -> None:
 @needs_smollm2
 @pytest.mark.slow
 def test_alias_loads_offline_and_generates_on_cpu() -> None:
-    from meda.kv.vlm.data import sample_inputs
+    from meda.kv.eval.inputs import sample_inputs
 
     model, processor = models.load_model("meda-vlm-mini", device="cpu")
     assert type(model).__name__ == "LlavaForConditionalGeneration" and models.family(model) == "llava"

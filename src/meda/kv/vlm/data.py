@@ -1,9 +1,10 @@
 """Training batches for ``meda-vlm-mini``: the four multimodal tasks plus a ``describe`` warm-up task.
 
-A batch is a pure function of ``(seed, index)``: the task, the number of images and the sample seeds are
-drawn from ``random.Random(f"{seed}/{index}")``, and every sample seed is ``>= TRAIN_SEED_START``
-(disjoint from the evaluation seeds). So an interrupted run that resumes at batch ``index`` sees exactly
-the batches it would have seen.
+Prompts are built by the evaluation harness's own :func:`meda.kv.eval.inputs.sample_inputs`, so the model
+is trained on exactly the prompts it is evaluated on. A batch is a pure function of ``(seed, index)``: the
+task, the number of images and the sample seeds are drawn from ``random.Random(f"{seed}/{index}")``, and
+every sample seed is ``>= TRAIN_SEED_START`` (disjoint from the evaluation seeds). So an interrupted run
+that resumes at batch ``index`` sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from meda.kv.eval.inputs import sample_inputs
 from meda.kv.eval.tasks import IMAGE_PLACEHOLDER, Sample
 from meda.kv.eval.tasks_mm import (
     ITEMS,
@@ -50,19 +52,6 @@ TRAIN_TASKS: dict[str, tuple[Callable[[int, int], Sample], float]] = {
     "mm-order": (make_order, 0.2),
     "mm-assoc": (make_assoc, 0.2),
 }
-
-
-def prompt_text(processor: Any, sample: Sample) -> str:
-    """The chat-formatted prompt of ``sample`` (one user turn, generation prompt appended)."""
-    text = sample.text.replace(IMAGE_PLACEHOLDER, processor.image_token)
-    return processor.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-    )
-
-
-def sample_inputs(processor: Any, sample: Sample) -> dict[str, torch.Tensor]:
-    """``processor(text=..., images=...)`` of one sample: ``input_ids`` ``[1, tokens]``, ``pixel_values``."""
-    return processor(text=[prompt_text(processor, sample)], images=sample.images or None, return_tensors="pt")
 
 
 @dataclass

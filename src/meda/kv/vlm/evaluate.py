@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from meda.kv.eval.inputs import sample_inputs
 from meda.kv.eval.tasks import get_task
-from meda.kv.vlm.data import sample_inputs
 
 MM_TASKS = ("mm-needle", "mm-count", "mm-order", "mm-assoc")
 
