@@ -12,9 +12,14 @@ CPU part (``--fidelity``): on SmolLM2-135M, how far sampled statistics move what
 overlap of the kept sets (per layer and KV head, uniform budget) and of the entropy layer budgets
 under exact vs sampled statistics, and the leading greedy tokens that agree with exact statistics.
 
+CPU part (``--chunked``): on SmolLM2-135M, what compressing chunk by chunk (``prefill_chunk_size``)
+costs against one-shot compression of the same prompts: leading greedy tokens equal to the one-shot
+and to the full-cache answers, and how often the answer still names the hidden fact.
+
     python benchmarks/kv_stats.py --quick --out runs/kv_stats_quick.json        # GPU, < 150 s on an H200
     python benchmarks/kv_stats.py --out docs/results/kv_stats_h200.json          # GPU, every length in full
     python benchmarks/kv_stats.py --fidelity --out docs/results/kv_stats_fidelity_smollm2.json   # CPU
+    python benchmarks/kv_stats.py --chunked --out docs/results/kv_chunked_fidelity_smollm2.json  # CPU
 """
 
 from __future__ import annotations
@@ -279,8 +284,8 @@ def fidelity_main(args) -> dict:
 
     model, tok = load_model("smollm2-135m", device="cpu")
     samples = [64, 256] if args.quick else [64, 128, 256, 512]
-    budget, new_tokens = 0.2, 12
-    cases = prompts(3 if args.quick else 4, 8)
+    budget, new_tokens = 0.2, 8 if args.quick else 12
+    cases = prompts(2, 6) if args.quick else prompts(4, 8)
     acc = {s: {"kept_overlap": [], "budget_moved": [], "meda_agree": 0, "h2o_agree": 0} for s in samples}
     t0 = time.perf_counter()
     for prompt, _ in cases:
@@ -347,6 +352,72 @@ def fidelity_main(args) -> dict:
             "new_tokens": new_tokens, "runs": runs}  # fmt: skip
 
 
+def chunked_main(args) -> dict:
+    """Chunk-by-chunk vs one-shot compression on SmolLM2-135M (CPU): greedy tokens and answers."""
+    from kv_fidelity import agree, prompts
+    from meda.kv.compress import compress
+    from meda.kv.models import load_model
+    from meda.kv.prompting import build_inputs
+
+    model, tok = load_model("smollm2-135m", device="cpu")
+    methods, chunk_sizes = (["meda", "h2o"], [128]) if args.quick else (["meda", "h2o", "snapkv"], [128, 256])
+    budget, new_tokens = 0.2, 8 if args.quick else 12
+    cases = prompts(2, 6) if args.quick else prompts(4, 8)
+    runs: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for prompt, name in cases:
+            inputs = build_inputs(tok, prompt)
+            n = inputs["input_ids"].shape[1]
+            full = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, n:]
+            for method in methods:
+                with compress(model, method, budget):
+                    one = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, n:]
+                for chunk in [None, *chunk_sizes]:
+                    label = f"{method} one-shot" if chunk is None else f"{method} chunks of {chunk}"
+                    if chunk is None:
+                        out, report = one, None
+                    else:
+                        with compress(model, method, budget) as report:
+                            out = model.generate(
+                                **inputs, max_new_tokens=new_tokens, do_sample=False, prefill_chunk_size=chunk
+                            )[0, n:]
+                    r = runs.setdefault(label, {"hits": 0, "agree_full": 0, "agree_one_shot": 0, "kept": []})
+                    r["hits"] += name in tok.decode(out)
+                    r["agree_full"] += agree(out, full)
+                    r["agree_one_shot"] += agree(out, one)
+                    if report is not None:
+                        r["kept"].append(report.kept_fraction)
+    total = len(cases) * new_tokens
+    table = [
+        {
+            "config": label,
+            "answer_hits": r["hits"],
+            "tokens_agree_full": r["agree_full"] / total,
+            "tokens_agree_one_shot": r["agree_one_shot"] / total,
+            "kept_fraction": stats.mean(r["kept"]) if r["kept"] else budget,
+        }
+        for label, r in runs.items()
+    ]
+    print_table(
+        f"SmolLM2-135M, budget {budget}, {len(cases)} prompts of ~{n} tokens: chunk by chunk vs one shot "
+        f"({time.perf_counter() - t0:.0f} s)",
+        ["config", "answer names the fact", "tokens = full cache", "tokens = one-shot", "kept fraction"],
+        [
+            [
+                t["config"],
+                f"{t['answer_hits']}/{len(cases)}",
+                t["tokens_agree_full"],
+                t["tokens_agree_one_shot"],
+                t["kept_fraction"],
+            ]
+            for t in table
+        ],
+    )
+    return {"model": "smollm2-135m", "budget": budget, "prompts": len(cases), "prompt_tokens": n,
+            "new_tokens": new_tokens, "runs": table}  # fmt: skip
+
+
 def _save(path: Path | None, payload: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,14 +426,19 @@ def _save(path: Path | None, payload: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions; PyTorch all-query timings past 32k scaled")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="GPU: fewer repetitions, PyTorch all-query timings past 32k scaled from 4,096 rows; CPU parts: 2 short prompts",
+    )
     ap.add_argument("--tokens", default="32768,131072", help="comma-separated prompt lengths (GPU part)")
     ap.add_argument("--sampled", type=int, default=2048, help="query rows of the sampled statistics")
     ap.add_argument("--no-model", action="store_true", help="skip the model prefill (layer timings only)")
     ap.add_argument("--fidelity", action="store_true", help="CPU: sampled vs exact statistics on SmolLM2-135M")
+    ap.add_argument("--chunked", action="store_true", help="CPU: chunk-by-chunk vs one-shot compression on SmolLM2")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated as they come)")
     args = ap.parse_args()
-    result = fidelity_main(args) if args.fidelity else gpu_main(args)
+    result = fidelity_main(args) if args.fidelity else chunked_main(args) if args.chunked else gpu_main(args)
     _save(args.out, result)
 
 
