@@ -429,7 +429,7 @@ def main() -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="GPU: fewer repetitions, PyTorch all-query timings past 32k scaled from 4,096 rows; CPU parts: 2 short prompts",
+        help="GPU: fewer repetitions, PyTorch all-query timings past 32k scaled from 4,096 rows; CPU: 2 short prompts",
     )
     ap.add_argument("--tokens", default="32768,131072", help="comma-separated prompt lengths (GPU part)")
     ap.add_argument("--sampled", type=int, default=2048, help="query rows of the sampled statistics")
