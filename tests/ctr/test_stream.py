@@ -142,14 +142,14 @@ def test_streamed_run_killed_mid_epoch_resumes_to_the_same_metrics(shard_dir: Pa
     from meda.ctr.train import TrainConfig, train
 
     ds = load_dataset(shard_dir, "parquet", cache_dir=tmp_path / "cache", shuffle_rows=1500)
-    cfg = TrainConfig(mode="meda", epochs=2, batch_size=256, embedding_dim=4, hidden_units=(16,), checkpoint_every=4)
+    cfg = TrainConfig(mode="meda", epochs=2, batch_size=512, embedding_dim=4, hidden_units=(16,), checkpoint_every=5)
     full = train(ds, cfg, tmp_path / "full")
 
     class Killed(Exception):
         pass
 
     def kill(step: int) -> None:
-        if step == 22:  # mid-epoch 2 (16 steps an epoch), two steps after the step-20 checkpoint
+        if step == 12:  # mid-epoch 2 (8 steps an epoch), two steps after the step-10 checkpoint
             raise Killed
 
     with pytest.raises(Killed):
