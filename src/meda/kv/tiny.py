@@ -1,14 +1,18 @@
-"""Random-weight models of every family meda.kv supports, with ready-made ``generate`` inputs.
+"""Random-weight models of every family meda.kv is tested on, with ready-made ``generate`` inputs.
 
 ``build_tiny(family)`` builds a tiny model (4 decoder layers, hidden 64, 4 query / 2 KV heads, vocab 512,
 two-layer vision towers) from a config alone, so tests run offline in well under a second per generate.
-``build_shaped(preset)`` builds the same families at a real 7B shape (random weights, no download) for
-GPU smoke runs. Both return a :class:`TinyModel`, whose ``inputs`` method writes prompts the way each
-family's processor would: text, then the image (or video) placeholder run, then a final question.
+Sliding-window families (Gemma 2 / 3, Cohere 2) get a 32-token window, shorter than every prompt; Gemma 2
+is always built with eager attention (transformers has no SDPA path with its soft-capping).
+``build_shaped(preset)`` builds real 7B shapes (random weights, no download) for GPU smoke runs. Both
+return a :class:`TinyModel`, whose ``inputs`` method writes prompts the way each family's processor would:
+text, then the image (or video) tokens with the processor's own markers, then a final question.
 
-Vocabulary layout of the tiny models: 0 pad, 1 bos, 2 eos, text tokens in ``[3, 500)``, and the image,
-video, vision-start and vision-end tokens at 508-511. Text prompts draw only from the text range, so a
-prompt never holds a special token by accident (real-shaped presets keep their real special ids).
+Vocabulary layout of the tiny models: 0 pad, 1 bos, 2 eos, text tokens in ``[3, 500)``, media markers
+(``<fake_token_around_image>`` / ``<img>``, ``</img>`` / ``[IMG_END]``, ``[IMG_BREAK]``, ``<global-img>``,
+Idefics3 tile tokens) at 500-505, and the image, video, vision-start and vision-end tokens at 508-511. Text
+prompts draw only from the text range, so a prompt never holds a special token by accident (real-shaped
+presets keep their real special ids).
 """
 
 from __future__ import annotations
