@@ -4,8 +4,10 @@ Two names are registered with transformers' ``AttentionInterface`` (and its mask
 interface): ``meda_sdpa`` and ``meda_eager``. Both call the stock implementation; on a
 decoder attention module that belongs to an active session they first hand
 ``(query, key)`` to the session (prefill statistics) or swap in the layer's own mask
-(decode over a compressed layer). Every other module (vision towers, models outside
-a session) runs exactly the stock code.
+(decode over a compressed layer). Over a static cache layer (``decode="static"``) the
+decode step runs :func:`static_decode_attention` instead, which reads the layer's buffers
+once with no per-step allocation that depends on the step. Every other module (vision
+towers, models outside a session) runs exactly the stock code.
 """
 
 from __future__ import annotations
@@ -38,12 +40,69 @@ def _eager_for(module: torch.nn.Module) -> Callable:
     return fn
 
 
+def static_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_bias: torch.Tensor,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One decode step of GQA attention over static buffers, without repeating keys per query head.
+
+    Args:
+        query: ``[batch, q_heads, 1, head_dim]`` (post-RoPE).
+        keys, values: ``[batch, kv_heads, slots, head_dim]``.
+        key_bias: ``[batch, kv_heads, 1, slots]``, 0 for a slot that holds a token, -inf otherwise.
+        scaling: the score scale (the module's ``scaling``); softcap: Gemma-2-style logit cap.
+
+    Returns:
+        ``[batch, 1, q_heads, head_dim]``, the layout transformers' attention functions return.
+
+    The query heads that share a KV head become rows of one matrix product (the ``repeat_kv``
+    order: query head ``h`` reads KV head ``h // (q_heads / kv_heads)``), so keys and values are
+    read once. Scores follow the eager attention's precision (products in the keys' dtype,
+    softmax in float32).
+    """
+    b, hq, q, d = query.shape
+    hkv, slots = keys.shape[1], keys.shape[2]
+    if q != 1:
+        raise NotImplementedError(f"static decode attention takes one query token per step, got {q}")
+    rep = hq // hkv
+    qg = query.reshape(b * hkv, rep, d).to(keys.dtype)
+    kt = keys.view(b * hkv, slots, d).transpose(1, 2)
+    bias = key_bias.view(b * hkv, 1, slots)
+    if softcap is None:
+        scores = torch.baddbmm(bias, qg, kt, alpha=scaling)
+    else:
+        scores = softcap * torch.tanh(torch.bmm(qg, kt) * (scaling / softcap)) + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(probs, values.view(b * hkv, slots, values.shape[-1]))  # [B*Hkv, rep, D]
+    return out.view(b, hq, 1, values.shape[-1]).transpose(1, 2)
+
+
+def _static_attention(layer, query, kwargs) -> tuple[torch.Tensor, None]:
+    unsupported = sorted(k for k in ("s_aux", "sinks") if kwargs.get(k) is not None)
+    if unsupported:
+        raise NotImplementedError(f"decode='static' does not support attention with {unsupported}; use 'dynamic'")
+    scaling = kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    out = static_decode_attention(
+        query, layer.keys, layer.values, layer.key_bias, scaling=scaling, softcap=kwargs.get("softcap")
+    )
+    return out, None
+
+
 def _make(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         stock = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
         session = getattr(module, SESSION_ATTR, None)
         if session is None:
             return stock(module, query, key, value, attention_mask, **kwargs)
+        static = session.static_layer_for(module, key)
+        if static is not None:
+            return _static_attention(static, query, kwargs)
         attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
         if base == "sdpa" and query.is_cuda:
             with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS):

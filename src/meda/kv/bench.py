@@ -1,27 +1,82 @@
-"""GPU speed and memory of compressed caches on a real-shaped model with random weights.
+"""GPU speed and memory of compressed caches on real-shaped models with random weights.
 
-One prompt of ``tokens`` tokens (text around one image, the image token count from the
-model's own patch/merge sizes) is generated from once per (method, budget). For each run:
-prefill seconds (forward + scoring + compression), decode milliseconds per token of the
-stock ``generate`` loop, KV bytes before/after (the report's real tensor bytes), and the
-device's allocated bytes with the compressed cache held.
+One :class:`SpeedCase` is one ``generate`` call: a preset shape (``meda.kv.tiny.PRESETS``), a prompt
+length, a batch size, a method and budget, and a decode path:
+
+- ``stock``: transformers alone, no session (the baseline every figure is compared with);
+- ``dynamic``: inside ``compress(...)``, transformers' own decode loop over the compressed cache;
+- ``static``: inside ``compress(..., decode="static")``, the fast path (static buffers, CUDA graph).
+
+Per case: prefill seconds (time to the first token: forward, statistics and compression), the median
+decode milliseconds per token of the generate loop (and, for ``static``, the median GPU time of one
+graph replay), peak and held memory, the real KV bytes, and the bandwidth floor: the bytes one decode
+step must read (the decoder's weights, not the input embedding table or a vision tower, plus the kept
+KV pairs) over the device-to-device copy bandwidth measured in the same process.
 """
 
 from __future__ import annotations
 
+import gc
 import math
+import statistics
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from meda.kv.attention import SESSION_ATTR
 from meda.kv.cache import cache_bytes
 from meda.kv.compress import compress
 from meda.kv.report import CompressionReport
-from meda.kv.tiny import build_shaped
 from meda.report import human_bytes, print_table
+
+DECODES = ("stock", "dynamic", "static")
+
+
+@dataclass(frozen=True)
+class SpeedCase:
+    """One measured generation."""
+
+    preset: str
+    tokens: int
+    batch: int
+    method: str  # "full" or a compression method; "stock" runs are method "full", decode "stock"
+    budget: float
+    decode: str
+
+    @property
+    def key(self) -> str:
+        """Stable name, e.g. ``qwen2-7b/32768/b1/snapkv/0.05/static`` (what ``--only`` matches)."""
+        return f"{self.preset}/{self.tokens}/b{self.batch}/{self.method}/{self.budget:g}/{self.decode}"
+
+
+def speed_cases(
+    presets: list[str],
+    tokens: list[int],
+    batches: list[int],
+    methods: list[str],
+    budgets: list[float],
+    decodes: list[str],
+) -> list[SpeedCase]:
+    """The cross product, in order; ``full`` runs once at budget 1.0 per decode path, ``stock`` is one case."""
+    bad = sorted(set(decodes) - set(DECODES))
+    if bad:
+        raise ValueError(f"unknown decode path(s) {bad}; choose from {', '.join(DECODES)}")
+    cases = []
+    for preset in presets:
+        for n in tokens:
+            for b in batches:
+                for method in methods:
+                    if method == "stock":
+                        cases.append(SpeedCase(preset, n, b, "full", 1.0, "stock"))
+                        continue
+                    for budget in [1.0] if method == "full" else budgets:
+                        cases += [SpeedCase(preset, n, b, method, budget, d) for d in decodes if d != "stock"]
+    return cases
 
 
 class _StepClock(LogitsProcessor):
@@ -34,6 +89,44 @@ class _StepClock(LogitsProcessor):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         return scores
+
+
+def copy_bandwidth(nbytes: int = 1 << 31, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written over the time)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes * repeats / seconds
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters one decode step reads: the text decoder and the LM head, without the
+    input embedding table (one row per token) and without vision towers."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    embed = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    skip = {id(p) for p in embed.parameters()} if embed is not None else set()
+    params = {id(p): p for p in decoder.parameters() if id(p) not in skip}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        params |= {id(p): p for p in head.parameters()}
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def text_prompt(config, tokens: int, batch: int, device: str) -> dict[str, torch.Tensor]:
+    """``batch`` random prompts of ``tokens`` text tokens (no padding)."""
+    text = getattr(config, "text_config", config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, min(text.vocab_size, 150000), (batch, tokens), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
 def long_vlm_prompt(config, tokens: int, image_side: int, device: str) -> dict[str, torch.Tensor]:
@@ -68,89 +161,174 @@ def long_vlm_prompt(config, tokens: int, image_side: int, device: str) -> dict[s
     }
 
 
-def run_bench(
-    preset: str,
-    tokens: int,
-    methods: list[str],
-    budgets: list[float],
-    decode_tokens: int = 16,
-    image_side: int = 64,
+def prompt_for(model, tokens: int, batch: int, image_side: int) -> dict[str, torch.Tensor]:
+    """A long prompt for ``model``: one image inside text for Qwen-VL shapes (batch 1 only), else text."""
+    if getattr(model.config, "vision_config", None) is None:
+        return text_prompt(model.config, tokens, batch, "cuda")
+    if batch != 1:
+        raise ValueError("the vision-language benchmark prompt is batch 1 only; use a text preset for batch > 1")
+    return long_vlm_prompt(model.config, tokens, image_side, "cuda")
+
+
+def kv_read_bytes(model, report: CompressionReport, batch: int) -> int:
+    """Bytes of the kept KV pairs one decode step reads (kept tokens per layer x batch x KV heads x head_dim)."""
+    text = getattr(model.config, "text_config", model.config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_key_value_heads * head_dim * model.dtype.itemsize  # keys + values
+    return int(sum(report.layer_tokens) * batch * per_token)
+
+
+def run_case(
+    model,
+    inputs: dict[str, torch.Tensor],
+    case: SpeedCase,
+    *,
+    decode_tokens: int,
+    bandwidth: float,
+    weight_bytes: int,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Measure one :class:`SpeedCase`; returns one result row (JSON-ready)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    clock = _StepClock()
+    if case.decode == "stock":
+        session = nullcontext(None)
+    else:
+        opts = {} if case.method == "full" else dict(options or {})
+        session = compress(model, case.method, case.budget, decode=case.decode, decode_room=decode_tokens, **opts)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decoder = None
+    with torch.inference_mode(), session as report:
+        if case.decode == "static":
+            decoder = _decoder_of(model)
+            decoder.timing = True
+        out = model.generate(
+            **inputs,
+            max_new_tokens=decode_tokens,
+            min_new_tokens=decode_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True,
+        )
+        held = torch.cuda.memory_allocated() - base
+    steps = [1000 * (b - a) for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    if report is None:
+        n = inputs["input_ids"].shape[1]
+        cache = out.get("cache", out.get("past_key_values"))  # the field's name differs between transformers 5.x
+        report = CompressionReport(method="stock", budget=1.0, prefill_tokens=n, layer_tokens=[n] * len(cache.layers))
+        report.kv_bytes_before = report.kv_bytes_after = cache_bytes(cache)
+    kv_read = kv_read_bytes(model, report, case.batch)
+    floor_ms = 1000 * (weight_bytes + kv_read) / bandwidth
+    decode_ms = statistics.median(steps) if steps else float("nan")
+    row = {
+        **asdict(case),
+        "key": case.key,
+        "prefill_tokens": report.prefill_tokens,
+        "prefill_s": clock.times[0] - t0,
+        "decode_ms_per_token": decode_ms,
+        "first_step_ms": steps[0] if steps else None,
+        "replay_ms": decoder.replay_ms() if decoder is not None else None,
+        "decode_counts": dict(decoder.counts) if decoder is not None else None,
+        "floor_ms": floor_ms,
+        "ratio_to_floor": decode_ms / floor_ms,
+        "kv_bytes_before": report.kv_bytes_before,
+        "kv_bytes_after": report.kv_bytes_after,
+        "kv_read_bytes": kv_read,
+        "kept_fraction": report.kept_fraction,
+        "held_bytes": held,
+        "peak_bytes": torch.cuda.max_memory_allocated() - base,
+        "notes": list(report.notes),
+    }
+    del out
+    return row
+
+
+def _decoder_of(model):
+    """The active session's :class:`~meda.kv.fast_decode.StaticDecoder` (to time its replays)."""
+    for module in model.modules():
+        session = getattr(module, SESSION_ATTR, None)
+        if session is not None:
+            return session.decoder
+    raise RuntimeError("no meda.kv session is attached to the model")
+
+
+def run_speed(
+    cases: list[SpeedCase],
+    *,
+    decode_tokens: int = 32,
+    image_side: int = 64,
+    options: dict[str, Any] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Run ``cases`` in order (one model per preset, built once), yielding each row as it is measured.
+
+    The first row of each preset is a ``{"kind": "device", ...}`` record: device, versions, copy
+    bandwidth and weight bytes, measured in this process.
+    """
     if not torch.cuda.is_available():
         raise RuntimeError("meda kv bench measures GPU speed and memory; no CUDA device is visible")
-    tiny = build_shaped(preset, device="cuda")
-    model = tiny.model
-    weights = torch.cuda.memory_allocated()
-    inputs = long_vlm_prompt(model.config, tokens, image_side, "cuda")
-    rows = []
-    for method in methods:
-        for budget in [1.0] if method in ("full", "stock") else budgets:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            clock = _StepClock()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            # "stock": transformers alone, no session (the baseline every method is compared with)
-            opts = {} if method == "full" else options or {}
-            session = nullcontext(None) if method == "stock" else compress(model, method, budget, **opts)
-            with torch.inference_mode(), session as report:
-                out = model.generate(
-                    **inputs,
-                    max_new_tokens=decode_tokens,
-                    min_new_tokens=decode_tokens,
-                    do_sample=False,
-                    logits_processor=LogitsProcessorList([clock]),
-                    return_dict_in_generate=True,
+    import transformers
+
+    from meda.kv.tiny import build_shaped
+
+    bandwidth = copy_bandwidth()
+    for preset in dict.fromkeys(c.preset for c in cases):
+        tiny = build_shaped(preset, device="cuda")
+        model = tiny.model
+        weights = decode_weight_bytes(model)
+        yield {
+            "kind": "device",
+            "preset": preset,
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "decode_weight_bytes": weights,
+            "all_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "decode_tokens": decode_tokens,
+            "options": options or {},
+        }
+        prompts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for case in (c for c in cases if c.preset == preset):
+            shape = (case.tokens, case.batch)
+            if shape not in prompts:
+                prompts[shape] = prompt_for(model, case.tokens, case.batch, image_side)
+            inputs = prompts[shape]
+            try:
+                yield run_case(
+                    model, inputs, case, decode_tokens=decode_tokens, bandwidth=bandwidth, weight_bytes=weights,
+                    options=options,
                 )
-                held = torch.cuda.memory_allocated() - weights  # cache (and outputs) still referenced
-            steps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
-            if report is None:
-                report = CompressionReport(method="stock", budget=1.0, prefill_tokens=tokens)
-                report.kv_bytes_before = report.kv_bytes_after = cache_bytes(out.past_key_values)
-            rows.append(
-                {
-                    "method": method,
-                    "budget": budget,
-                    "prefill_tokens": report.prefill_tokens,
-                    "prefill_s": clock.times[0] - t0,
-                    "decode_ms_per_token": 1000 * sum(steps) / max(len(steps), 1),
-                    "kv_bytes_before": report.kv_bytes_before,
-                    "kv_bytes_after": report.kv_bytes_after,
-                    "bytes_ratio": report.bytes_ratio,
-                    "kept_fraction": report.kept_fraction,
-                    "allocated_after_bytes": held,
-                    "peak_bytes": torch.cuda.max_memory_allocated() - weights,
-                    "groups": report.groups,
-                }
-            )
-            del out
-    return {
-        "preset": preset,
-        "tokens": tokens,
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "weights_bytes": weights,
-        "options": options or {},
-        "runs": rows,
-    }
+            except Exception as err:  # one failed case (out of memory, say) must not end the run
+                yield {**asdict(case), "key": case.key, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        del model, tiny, prompts
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
-def print_bench(result: dict[str, Any]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """A readable table of measured rows (device records and errors are listed apart)."""
+    runs = [r for r in rows if r.get("kind") != "device" and "error" not in r]
     print_table(
-        f"{result['preset']} at {result['tokens']} tokens on {result['device']}",
-        ["method", "budget", "prefill s", "decode ms/tok", "KV before", "KV after", "ratio", "held after"],
+        "decode speed (median ms/token of the generate loop; floor = weights + kept KV over copy bandwidth)",
+        ["case", "prefill s", "decode ms", "replay ms", "floor ms", "x floor", "KV after", "peak"],
         [
             [
-                r["method"],
-                r["budget"],
+                r["key"],
                 r["prefill_s"],
                 r["decode_ms_per_token"],
-                human_bytes(r["kv_bytes_before"]),
+                r["replay_ms"] if r["replay_ms"] is not None else "-",
+                r["floor_ms"],
+                r["ratio_to_floor"],
                 human_bytes(r["kv_bytes_after"]),
-                r["bytes_ratio"],
-                human_bytes(r["allocated_after_bytes"]),
+                human_bytes(r["peak_bytes"]),
             ]
-            for r in result["runs"]
+            for r in runs
         ],
     )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['key']}: {r['error']}")

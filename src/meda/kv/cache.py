@@ -40,6 +40,13 @@ class CompressedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[batch, kv_heads, q, head_dim]`` new states; returns all stored keys and values."""
         q = key_states.shape[-2]
+        if not self.is_initialized:  # after reset(): start over like an empty dynamic layer
+            self.device = key_states.device
+            self.keys, self.values = key_states, value_states
+            self.key_mask = torch.ones(*key_states.shape[:3], dtype=torch.bool, device=key_states.device)
+            self.logical_length, self.is_initialized = q, True
+            self._refresh()
+            return self.keys, self.values
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         new = torch.ones(*self.key_mask.shape[:2], q, dtype=torch.bool, device=self.key_mask.device)
@@ -49,6 +56,11 @@ class CompressedLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.logical_length
+
+    def reset(self) -> None:
+        """Empty the layer (as transformers' ``Cache.reset`` expects); the next ``update`` starts a new sequence."""
+        super().reset()
+        self.key_mask, self.logical_length, self.all_valid = None, 0, False
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.logical_length + query_length, 0
@@ -61,14 +73,20 @@ class CompressedLayer(DynamicLayer):
         raise NotImplementedError("a compressed cache cannot be cropped (assisted decoding is not supported)")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
         super().reorder_cache(beam_idx)
         self.key_mask = self.key_mask.index_select(0, beam_idx.to(self.key_mask.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
         super().batch_repeat_interleave(repeats)
         self.key_mask = self.key_mask.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
         super().batch_select_indices(indices)
         self.key_mask = self.key_mask[indices, ...]
         self._refresh()

@@ -105,34 +105,67 @@ def run(
 
 @app.command()
 def bench(
-    preset: str = typer.Option("qwen2-vl-7b", help="Real model shape with random weights: qwen2-vl-7b, qwen2.5-vl-7b."),
-    tokens: int = typer.Option(32768, min=64, help="Prompt length in tokens (text around one image)."),
-    methods: str = typer.Option("full,snapkv,meda", help=f"Comma list: {METHOD_HELP}, or stock (no session)."),
-    budgets: str = typer.Option("0.2", help="Comma list of kept fractions, e.g. 0.1,0.2."),
-    decode_tokens: int = typer.Option(16, min=2, help="Tokens decoded per run (timed per token)."),
-    image_side: int = typer.Option(64, min=2, help="Image grid side in patches (tokens = side^2 / merge^2)."),
-    option: list[str] = typer.Option(
-        [], "--option", "-o", help="Recipe override for every compressed run, e.g. -o entropy_queries=1024."
+    preset: str = typer.Option("qwen2-7b", help="Comma list of real shapes (random weights): qwen2-7b, qwen2-vl-7b."),
+    tokens: str = typer.Option("32768", help="Comma list of prompt lengths in tokens."),
+    batch: str = typer.Option("1", help="Comma list of batch sizes (text presets; the VL prompt is batch 1)."),
+    methods: str = typer.Option("stock,full,snapkv,meda", help=f"Comma list: {METHOD_HELP}, or stock (no session)."),
+    budgets: str = typer.Option("0.05,0.2", help="Comma list of kept fractions, e.g. 0.05,0.1,0.2."),
+    decode: str = typer.Option(
+        "static", help="Comma list of decode paths for the compressed runs: static (fast path) and/or dynamic."
     ),
-    out: Path = typer.Option(None, help="Folder for results.json (optional)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    decode_tokens: int = typer.Option(32, min=2, help="Tokens decoded per run (median ms/token over them)."),
+    image_side: int = typer.Option(64, min=2, help="Image grid side in patches for VL presets (tokens = side^2 / 4)."),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="Recipe override for every compressed run, e.g. -o entropy_queries=2048."
+    ),
+    only: str = typer.Option("", help="Comma list of substrings: run only cases whose key contains one, e.g. /b8/."),
+    out: Path = typer.Option(None, help="Folder: results.jsonl grows one line per case as it is measured."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
 ) -> None:
-    """GPU speed and memory: prefill time, decode ms/token, real KV bytes per method (needs CUDA)."""
-    from meda.kv.bench import print_bench, run_bench
-    from meda.report import print_json, write_json
+    """GPU decode speed against the memory-bandwidth floor: stock loop vs compressed caches (needs CUDA).
 
-    result = run_bench(
-        preset,
-        tokens,
-        [m.strip() for m in methods.split(",") if m.strip()],
-        [float(b) for b in budgets.split(",") if b.strip()],
-        decode_tokens=decode_tokens,
-        image_side=image_side,
-        options=parse_options(option),
-    )
+    Each case (key PRESET/TOKENS/bBATCH/METHOD/BUDGET/DECODE) reports prefill seconds, the median
+    decode ms/token of generate, the GPU time of one captured step (static), peak memory, real KV
+    bytes, and the floor: decoder weights + kept KV bytes over the copy bandwidth measured in the
+    same run. Example (Qwen2-7B shape, 32k tokens):
+
+        meda kv bench --tokens 32768 --methods stock,full,snapkv --budgets 0.05 --out runs/speed
+    """
+    import json
+
+    from meda.kv.bench import print_rows, run_speed, speed_cases
+    from meda.report import print_json
+
+    def items(text: str) -> list[str]:
+        return [x.strip() for x in text.split(",") if x.strip()]
+
+    try:
+        cases = speed_cases(
+            items(preset),
+            [int(x) for x in items(tokens)],
+            [int(x) for x in items(batch)],
+            items(methods),
+            [float(x) for x in items(budgets)],
+            ["stock", *items(decode)],
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    if only:
+        cases = [c for c in cases if any(part in c.key for part in items(only))]
+    rows = []
+    jsonl = None
     if out is not None:
-        write_json(out / "results.json", result)
-    print_json(result) if as_json else print_bench(result)
+        out.mkdir(parents=True, exist_ok=True)
+        jsonl = (out / "results.jsonl").open("a")
+    for row in run_speed(cases, decode_tokens=decode_tokens, image_side=image_side, options=parse_options(option)):
+        rows.append(row)
+        if jsonl is not None:
+            jsonl.write(json.dumps(row) + "\n")
+            jsonl.flush()
+        if as_json:
+            print_json(row)
+    if not as_json:
+        print_rows(rows)
 
 
 @app.command("eval")

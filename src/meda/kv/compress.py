@@ -21,6 +21,8 @@ def compress(
     *,
     groups: torch.Tensor | None = None,
     question_tokens: int | None = None,
+    decode: str = "dynamic",
+    decode_room: int = 128,
     **options: object,
 ) -> Iterator[CompressionReport]:
     """Compress the KV cache of every prefill run on ``model`` inside the block.
@@ -35,6 +37,14 @@ def compress(
             entropy (vision or context) when the model's ids cannot tell.
         question_tokens: for text-only prompts, how many final tokens form the
             "question" group (default: the recipe's window, 32).
+        decode: ``"dynamic"`` (transformers' own decode loop over the compressed cache) or
+            ``"static"``: the fast path, static per-layer buffers written in place and, on CUDA,
+            each decode step replayed from a captured CUDA graph (:mod:`meda.kv.fast_decode`).
+            Both give the same greedy tokens; ``"static"`` decodes one token per step (no
+            assisted decoding, no continued prompts) and also applies to method ``full``.
+        decode_room: with ``decode="static"``, decode slots reserved per layer after the kept
+            prefill; the buffers double when a generation runs past them (one re-capture).
+            Attention reads every reserved slot, so keep it near ``max_new_tokens``.
         **options: fields of :class:`meda.kv.recipes.Recipe` to override, e.g.
             ``tau=0.5``, ``merge="pivot"``, ``scorer="window"``.
 
@@ -48,9 +58,18 @@ def compress(
     """
     recipe = resolve_recipe(method, **options)
     attention.register()
-    session = CompressionSession(model, method, recipe, budget, groups=groups, question_tokens=question_tokens)
-    session.attach()
-    try:
+    session = CompressionSession(
+        model,
+        method,
+        recipe,
+        budget,
+        groups=groups,
+        question_tokens=question_tokens,
+        decode=decode,
+        decode_room=decode_room,
+    )
+    try:  # attach undoes itself on error; detach restores the model on any exit, errors included
+        session.attach()
         yield session.report
     finally:
         session.detach()

@@ -21,12 +21,16 @@ import torch
 from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
+from meda.kv.fast_decode import StaticDecoder
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
+from meda.kv.static_cache import StaticLayer
 from meda.kv.support import attention_softcap, decoder_layers
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+DECODE_MODES = ("dynamic", "static")
+_MISSING = object()
 
 
 def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -62,7 +66,16 @@ class CompressionSession:
         *,
         groups: torch.Tensor | None = None,
         question_tokens: int | None = None,
+        decode: str = "dynamic",
+        decode_room: int = 128,
     ):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}; 'static' is the fast decode path")
+        if isinstance(decode_room, bool) or not isinstance(decode_room, int) or decode_room < 1:
+            raise ValueError(f"decode_room must be an int >= 1 (decode slots before buffers grow), got {decode_room!r}")
+        self.decode, self.decode_room = decode, decode_room
+        self.decoder: StaticDecoder | None = None
+        self._saved_forward = _MISSING
         self.layers = decoder_layers(model)  # raises for models meda.kv cannot compress
         self.model = model
         self.recipe = recipe
@@ -81,7 +94,18 @@ class CompressionSession:
 
     # ---- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
-        for cfg in self._configs:
+        """Hook the model; on any error the model is left exactly as it was."""
+        try:
+            self._attach()
+        except BaseException:
+            self.detach()
+            raise
+
+    def _attach(self) -> None:
+        if any(getattr(m, SESSION_ATTR, None) is not None for m in self.modules.values()):
+            raise RuntimeError("this model is already inside a meda.kv.compress(...) block")
+        bases = {}
+        for cfg in self._configs:  # check everything before changing anything
             impl = cfg._attn_implementation
             base = impl.removeprefix("meda_") if impl else impl
             if base not in SUPPORTED_ATTENTION:
@@ -89,27 +113,36 @@ class CompressionSession:
                     f"meda.kv runs with attn_implementation 'sdpa' or 'eager'; this model uses {impl!r}. "
                     "Load it with attn_implementation='sdpa'."
                 )
+            bases[id(cfg)] = (cfg, impl, base)
+        for cfg, impl, base in bases.values():
             self._saved_impl[id(cfg)] = impl
-            cfg._attn_implementation = wrapped_name(base)
+            _set_attn_implementation(self.model, cfg, wrapped_name(base))
         for module in self.modules.values():
-            if getattr(module, SESSION_ATTR, None) is not None:
-                raise RuntimeError("this model is already inside a meda.kv.compress(...) block")
             setattr(module, SESSION_ATTR, self)
-        self._handles = [
-            self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            self.model.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+        if self.decode == "static":  # generate calls model(...) -> model.forward: the instance attribute wins
+            self._saved_forward = self.model.__dict__.get("forward", _MISSING)
+            self.decoder = StaticDecoder(self.model.forward)
+            self.model.forward = self.decoder
 
     def detach(self) -> None:
+        """Undo whatever :meth:`attach` did (also a partial attach); safe to call twice."""
+        if self.decoder is not None and self.model.__dict__.get("forward") is self.decoder:
+            if self._saved_forward is _MISSING:
+                del self.model.forward
+            else:
+                self.model.forward = self._saved_forward
+            self.report.notes.extend(n for n in self.decoder.notes if n not in self.report.notes)
         for h in self._handles:
             h.remove()
         self._handles = []
         for module in self.modules.values():
-            if hasattr(module, SESSION_ATTR):
+            if getattr(module, SESSION_ATTR, None) is self:
                 delattr(module, SESSION_ATTR)
         for cfg in self._configs:
             if id(cfg) in self._saved_impl:
-                cfg._attn_implementation = self._saved_impl[id(cfg)]
+                _set_attn_implementation(self.model, cfg, self._saved_impl.pop(id(cfg)), restoring=True)
 
     # ---- hooks -----------------------------------------------------------------------
     def _reset_forward(self) -> None:
@@ -161,6 +194,11 @@ class CompressionSession:
             if self.recipe is not None:
                 self._observe(idx, module, query, key)
         return mask
+
+    def static_layer_for(self, module, key: torch.Tensor) -> StaticLayer | None:
+        """The static cache layer whose buffers ``key`` is (a decode step with ``decode="static"``), else None."""
+        layer = self._cache_layers.get(module.layer_idx)
+        return layer if isinstance(layer, StaticLayer) and layer.keys is key else None
 
     # ---- prefill statistics ------------------------------------------------------------
     def _groups_for(self, query: torch.Tensor) -> TokenGroups:
@@ -235,6 +273,9 @@ class CompressionSession:
             held = {i: _held_tokens(cache.layers[i], valid) for i in self.modules}
             rep.layer_tokens = [round(float(held[i].float().mean())) for i in self.modules]
             rep.layer_fractions = [float((held[i] / n.clamp_min(1)).mean()) for i in self.modules]
+            if self.decode == "static":
+                self._make_static(cache)
+                rep.kv_bytes_after = cache_bytes(cache)
             return
         groups = self._groups
         n = groups.valid.sum(-1)  # [B]
@@ -252,13 +293,13 @@ class CompressionSession:
                 f"fraction of the {len(layers)} compressed full-attention layers"
             )
         rep.clipped = {"layer_budget": clipped_layers} if clipped_layers else {}
-        self._cache_layers = weakref.WeakValueDictionary()
-        kept, fraction, evicted, merged = {}, {}, 0.0, 0.0
+        kept, fraction, evicted, merged, new_layers = {}, {}, 0.0, 0.0, {}
         for li, idx in enumerate(layers):
-            new, dropped, absorbed = self._compress_layer(idx, cache.layers[idx], counts[li], n)
-            cache.layers[idx] = self._cache_layers[idx] = new
+            new_layers[idx], dropped, absorbed = self._compress_layer(idx, cache.layers[idx], counts[li], n)
+            new = new_layers[idx]
             kept[idx], fraction[idx] = float(new.key_mask.sum(-1).float().mean()), float(fractions[li].mean())
             evicted, merged = evicted + dropped, merged + absorbed
+        self._swap_layers(cache, new_layers)  # only now: an error above leaves the cache as the prefill wrote it
         for idx in self.layers.sliding:
             held = _held_tokens(cache.layers[idx], groups.valid)
             kept[idx], fraction[idx] = float(held.float().mean()), float((held / n.clamp_min(1)).mean())
@@ -309,8 +350,42 @@ class CompressionSession:
                 layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets,
                 merge_keys=r.merge_keys, threshold=r.merge_threshold, with_counts=True,
             )  # absorbed [B, Hkv]: pairs really merged (a head with no allowed target, or below threshold, drops)
-        new = CompressedLayer(k.contiguous(), v.contiguous(), sel.mask.contiguous(), layer.get_seq_length())
+        new = self._new_layer(k, v, sel.mask, layer.get_seq_length())
         return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
+
+    def _new_layer(self, keys, values, key_mask, logical_length: int) -> CompressedLayer:
+        """The cache layer holding a compressed (or, for 'full' with decode='static', whole) prefill.
+
+        ``keys``/``values`` ``[batch, kv_heads, stored, head_dim]``, ``key_mask`` bool ``[batch, kv_heads, stored]``.
+        """
+        if self.decode == "static":
+            return StaticLayer(keys, values, key_mask, logical_length, room=self.decode_room)
+        return CompressedLayer(keys.contiguous(), values.contiguous(), key_mask.contiguous(), logical_length)
+
+    def _make_static(self, cache) -> None:
+        """decode='static' without compression: every full-attention layer moves into static buffers
+        (sliding-window layers keep their own cache); padding tokens of the prompt become empty slots."""
+        mask = self._inputs.get("attention_mask")
+        new_layers = {}
+        for idx in self.modules:
+            layer = cache.layers[idx]
+            if getattr(layer, "is_sliding", False):
+                continue
+            b, h, n = layer.keys.shape[:3]
+            if mask is not None and mask.dim() == 2 and mask.shape[-1] != n:
+                raise RuntimeError(
+                    f"cache layer {idx} holds {n} tokens but the prompt has {mask.shape[-1]}; "
+                    "decode='static' needs a prefill from an empty cache"
+                )
+            valid = mask.to(layer.keys.device, torch.bool) if mask is not None and mask.dim() == 2 else None
+            key_mask = valid[:, None, :].expand(-1, h, -1) if valid is not None else layer.keys.new_ones(b, h, n).bool()
+            new_layers[idx] = self._new_layer(layer.keys, layer.values, key_mask, layer.get_seq_length())
+        self._swap_layers(cache, new_layers)
+
+    def _swap_layers(self, cache, new_layers: dict[int, CompressedLayer]) -> None:
+        self._cache_layers = weakref.WeakValueDictionary()
+        for idx, layer in new_layers.items():
+            cache.layers[idx] = self._cache_layers[idx] = layer
 
     def _allocate(self, layers: list[int], n: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Kept fraction per layer and batch row ``[layers, batch]``, and how many layers the
@@ -346,6 +421,22 @@ def _evenly_spaced(query: torch.Tensor, count: int | None) -> torch.Tensor | Non
     if count is None or count >= n:
         return None
     return torch.linspace(0, n - 1, count, device=query.device).round().long()
+
+
+def _set_attn_implementation(model: torch.nn.Module, cfg, name: str, *, restoring: bool = False) -> None:
+    """Set the attention implementation that ``cfg`` steers, through transformers' public
+    ``set_attn_implementation`` on the decoder that owns ``cfg``; a config no such model owns is
+    written directly (the one place that touches the private ``_attn_implementation``). When
+    ``restoring``, an error of the public setter does not stop the restore."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if getattr(decoder, "config", None) is cfg and hasattr(decoder, "set_attn_implementation"):
+        try:
+            decoder.set_attn_implementation(name)
+        except Exception:
+            if not restoring:
+                raise
+    if cfg._attn_implementation != name:
+        cfg._attn_implementation = name
 
 
 def _unique_configs(model: torch.nn.Module, modules) -> list:

@@ -1,0 +1,275 @@
+"""decode="static" (static buffers written in place, the step a CUDA graph on GPU) against decode="dynamic".
+
+On the CPU the static path runs the same step eagerly, so every test here checks the code a graph
+captures: the same greedy (and seeded sampled) tokens as the dynamic path for every family and method,
+batch 1 and left-padded batches, room that runs out and grows, and a model left exactly as it was after
+any failure inside ``compress``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from meda.kv import METHODS, compress
+from meda.kv.attention import SESSION_ATTR, static_decode_attention
+from meda.kv.cache import CompressedLayer
+from meda.kv.session import CompressionSession
+from meda.kv.static_cache import SLOT_ALIGN, StaticLayer
+from meda.kv.tiny import FAMILIES, build_tiny
+
+NEW = 6
+
+
+@functools.cache
+def tiny(family: str):
+    return build_tiny(family)
+
+
+def session_of(model) -> CompressionSession:
+    return getattr(next(m for m in model.modules() if hasattr(m, SESSION_ATTR)), SESSION_ATTR)
+
+
+def generate(t, inputs, method: str, budget, decode: str, new: int = NEW, room: int = 128, **kw):
+    """Tokens, the decoder's step counts (static) and the report of one generate inside compress."""
+    kw.setdefault("do_sample", False)
+    with torch.inference_mode(), compress(t.model, method, budget, decode=decode, decode_room=room) as report:
+        session = session_of(t.model)
+        out = t.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kw)
+    counts = dict(session.decoder.counts) if session.decoder is not None else None
+    return out, counts, report
+
+
+def assert_static_matches(t, inputs, method: str, budget, **kw) -> None:
+    ref, _, _ = generate(t, inputs, method, budget, "dynamic", **kw)
+    out, counts, report = generate(t, inputs, method, budget, "static", **kw)
+    assert torch.equal(out, ref), f"{t.family}/{method}/{budget}: static tokens differ from dynamic"
+    if "sliding_attention" in (getattr(t.model.config.get_text_config(), "layer_types", None) or []):
+        assert any("sliding-window" in n for n in report.notes), report.notes  # those layers stay dynamic
+    else:
+        assert counts["eager"] == NEW - 1, counts  # every decode step went through the static step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_matches_dynamic_every_family(family: str) -> None:
+    t = tiny(family)
+    assert_static_matches(t, t.inputs(1), "meda", 0.3)
+    assert_static_matches(t, t.inputs(3), "adakv", 0.3)  # left-padded rows, uneven heads
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_static_matches_dynamic_every_method_padded_batch(family: str, method: str) -> None:
+    t = tiny(family)
+    assert_static_matches(t, t.inputs(3), method, 1.0 if method == "full" else 0.25)
+
+
+def test_static_sampling_with_a_seed_matches_dynamic() -> None:
+    t = tiny("llama")
+    inputs = t.inputs(2)
+    outs = []
+    for decode in ("dynamic", "static"):
+        torch.manual_seed(1)
+        outs.append(generate(t, inputs, "snapkv", 0.3, decode, do_sample=True, top_k=50)[0])
+    assert torch.equal(*outs)
+
+
+def test_static_full_budget_reproduces_the_uncompressed_model() -> None:
+    t = tiny("qwen3")
+    inputs = t.inputs(3)
+    with torch.inference_mode():
+        ref = t.model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    for method in ("full", "meda"):
+        out, _, _ = generate(t, inputs, method, 1.0, "static")
+        assert torch.equal(out, ref), method
+
+
+def test_room_that_runs_out_grows_and_keeps_tokens() -> None:
+    t = tiny("mistral")
+    inputs = t.inputs(2)
+    budget = SLOT_ALIGN - 6  # kept tokens per layer: stored + room rounds up to one SLOT_ALIGN, about 6 free slots
+    ref, _, _ = generate(t, inputs, "snapkv", budget, "dynamic", new=12)
+    cache = DynamicCache(config=t.model.config)
+    out, _, _ = generate(t, inputs, "snapkv", budget, "static", new=12, room=1, past_key_values=cache)
+    assert torch.equal(out, ref)
+    assert all(layer.keys.shape[-2] == 2 * SLOT_ALIGN for layer in cache.layers), "the buffers did not grow"
+
+
+def test_beam_search_reorders_static_buffers_in_place() -> None:
+    t = tiny("llama")
+    inputs = t.inputs(2)
+    ref, _, _ = generate(t, inputs, "snapkv", 0.3, "dynamic", num_beams=3)
+    out, _, _ = generate(t, inputs, "snapkv", 0.3, "static", num_beams=3)
+    assert torch.equal(out, ref)
+
+
+def test_static_layers_replace_the_cache_and_hold_real_bytes() -> None:
+    t = tiny("qwen2")
+    inputs = t.inputs(2)
+    cache = DynamicCache(config=t.model.config)
+    with torch.inference_mode(), compress(t.model, "snapkv", 0.25, decode="static", decode_room=5) as report:
+        t.model(**inputs, cache=cache, use_cache=True)
+    assert all(isinstance(layer, StaticLayer) for layer in cache.layers)
+    layer = cache.layers[0]
+    assert layer.keys.shape[-2] % SLOT_ALIGN == 0 and layer.room >= 5
+    assert layer.keys.shape[-2] == layer.stored + layer.room
+    assert report.kv_bytes_after == sum(x.stored_bytes() for x in cache.layers)
+    kept = layer.key_mask.sum(-1).float().mean()
+    assert round(float(kept)) == report.layer_tokens[0]
+
+
+# ---- the pieces ----------------------------------------------------------------------------------------
+def _reference_attention(query, keys, values, key_mask, scaling, softcap=None):
+    """Plain attention: keys repeated per query head, masked softmax in float64."""
+    rep = query.shape[1] // keys.shape[1]
+    k = keys.repeat_interleave(rep, dim=1).double()
+    v = values.repeat_interleave(rep, dim=1).double()
+    s = query.double() @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~key_mask.repeat_interleave(rep, dim=1)[:, :, None, :], -math.inf)
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_static_decode_attention_matches_plain_attention(softcap) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, hkv, rep, slots, d = 2, 3, 4, 17, 8
+    query = torch.randn(b, hkv * rep, 1, d, generator=g)
+    keys, values = torch.randn(b, hkv, slots, d, generator=g), torch.randn(b, hkv, slots, d, generator=g)
+    key_mask = torch.rand(b, hkv, slots, generator=g) > 0.4
+    key_mask[..., 0] = True
+    bias = torch.zeros(b, hkv, 1, slots).masked_fill(~key_mask[:, :, None, :], -math.inf)
+    out = static_decode_attention(query, keys, values, bias, scaling=0.3, softcap=softcap)
+    ref = _reference_attention(query, keys, values, key_mask, 0.3, softcap)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_static_layer_writes_in_place_and_resets() -> None:
+    keys, values = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    mask = torch.tensor([[[True, False, True], [True, True, True]]])
+    layer = StaticLayer(keys, values, mask, logical_length=10, room=2)
+    assert layer.keys.shape[-2] == SLOT_ALIGN and layer.room == SLOT_ALIGN - 3  # slots rounded up
+    buffer = layer.keys
+    new_k, new_v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    k, v = layer.update(new_k, new_v)
+    assert k is buffer and torch.equal(k[:, :, 3], new_k[:, :, 0]) and torch.equal(v[:, :, 3], new_v[:, :, 0])
+    free = [False] * (SLOT_ALIGN - 4)
+    assert layer.key_mask.tolist() == [[[True, False, True, True, *free], [True, True, True, True, *free]]]
+    assert layer.get_seq_length() == 11 and int(layer.slot) == 4
+    for _ in range(layer.room):  # one past the room: the buffers grow
+        layer.update(new_k, new_v)
+    assert layer.keys.shape[-2] == 2 * SLOT_ALIGN and layer.get_seq_length() == 11 + layer.decoded - 1
+    assert layer.decoded == SLOT_ALIGN - 2
+    layer.reset()
+    assert layer.get_seq_length() == 0 and not layer.key_mask.any()
+    layer.update(new_k, new_v)
+    assert layer.key_mask[..., 0].all() and int(layer.key_mask.sum()) == 2
+    with pytest.raises(NotImplementedError, match="one new token"):
+        layer.update(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+
+
+def test_compressed_layer_reset_then_update_starts_over() -> None:
+    layer = CompressedLayer(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.ones(1, 2, 3, dtype=torch.bool), 9)
+    layer.reset()
+    assert layer.get_seq_length() == 0
+    k, _ = layer.update(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    assert k.shape[-2] == 5 and layer.get_seq_length() == 5 and layer.key_mask.shape == (1, 2, 5)
+    layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert layer.get_seq_length() == 6 and layer.keys.shape[-2] == 6
+
+
+def test_bad_decode_arguments_are_one_clear_error() -> None:
+    t = tiny("llama")
+    with pytest.raises(ValueError, match="decode='fast'"), compress(t.model, "snapkv", 0.2, decode="fast"):
+        pass
+    with pytest.raises(ValueError, match="decode_room"), compress(t.model, "snapkv", 0.2, decode_room=0):
+        pass
+
+
+# ---- exception safety -----------------------------------------------------------------------------------
+def _model_state(model) -> dict:
+    decoder = model.get_decoder()
+    return {
+        "impl": [m.config._attn_implementation for m in model.modules() if hasattr(m, "config")],
+        "session": [hasattr(m, SESSION_ATTR) for m in model.modules()],
+        "hooks": (dict(model._forward_pre_hooks), dict(model._forward_hooks)),
+        "forward": "forward" in model.__dict__,
+        "decoder_impl": decoder.config._attn_implementation,
+    }
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_a_failure_during_compression_leaves_model_and_cache_as_before(decode: str, monkeypatch) -> None:
+    t = build_tiny("qwen2")
+    before = _model_state(t.model)
+    calls = []
+
+    def failing(self, idx, *args, **kwargs):
+        calls.append(idx)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in layer compression")
+        return original(self, idx, *args, **kwargs)
+
+    original = CompressionSession._compress_layer
+    monkeypatch.setattr(CompressionSession, "_compress_layer", failing)
+    cache = DynamicCache(config=t.model.config)
+    inputs = t.inputs(1)
+    failing_block = compress(t.model, "meda", 0.3, decode=decode)
+    with pytest.raises(RuntimeError, match="injected"), torch.inference_mode(), failing_block:
+        t.model(**inputs, cache=cache, use_cache=True)
+    assert _model_state(t.model) == before
+    assert all(type(layer).__name__ == "DynamicLayer" for layer in cache.layers)
+    assert all(layer.keys.shape[-2] == inputs["input_ids"].shape[1] for layer in cache.layers)
+
+
+@pytest.mark.parametrize("stage", ["set_attn_implementation", "register_forward_hook"])
+def test_a_failure_during_attach_leaves_the_model_as_before(stage: str, monkeypatch) -> None:
+    t = build_tiny("llama")
+    before = _model_state(t.model)
+    target = t.model.get_decoder() if stage == "set_attn_implementation" else t.model
+    original = getattr(target, stage)
+    state = {"n": 0}
+
+    def failing(*args, **kwargs):
+        state["n"] += 1
+        if state["n"] == 1 and stage == "set_attn_implementation":
+            original(*args, **kwargs)  # the change happens, then the failure: attach must undo it
+        raise RuntimeError(f"injected failure in {stage}")
+
+    monkeypatch.setattr(target, stage, failing)
+    with pytest.raises(RuntimeError, match="injected"), compress(t.model, "snapkv", 0.2, decode="static"):
+        pass
+    monkeypatch.undo()
+    assert _model_state(t.model) == before
+
+
+def test_nested_compress_refuses_and_keeps_the_outer_session() -> None:
+    t = build_tiny("llama")
+    inputs = t.inputs(1)
+    with compress(t.model, "snapkv", 0.3, decode="static") as report:
+        inside = _model_state(t.model)
+        with pytest.raises(RuntimeError, match="already inside"), compress(t.model, "meda", 0.2):
+            pass
+        assert _model_state(t.model) == inside
+        with torch.inference_mode():
+            t.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert report.compressions == 1
+
+
+def test_attention_implementation_goes_through_the_public_setter(monkeypatch) -> None:
+    t = build_tiny("qwen2_vl")
+    decoder = t.model.get_decoder()
+    seen = []
+    original = decoder.set_attn_implementation
+    monkeypatch.setattr(decoder, "set_attn_implementation", lambda name: (seen.append(name), original(name)))
+    with compress(t.model, "snapkv", 0.2):
+        assert decoder.config._attn_implementation == "meda_sdpa"
+        assert t.model.model.visual.config._attn_implementation == "sdpa"  # vision tower untouched
+    assert seen == ["meda_sdpa", "sdpa"]
+    assert decoder.config._attn_implementation == "sdpa"
