@@ -103,3 +103,12 @@ def test_new_options_are_validated() -> None:
     for name in ("precision", "compile", "resident"):
         with pytest.raises(ValueError, match=f"unknown {name}"):
             TrainConfig(**{name: "fast"})
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_eager_through_meda_redraws() -> None:
+    data = learnable_dataset(rows=1500)
+    eager = train(data, TrainConfig(mode="meda", epochs=2, **FAST))
+    compiled = train(data, TrainConfig(mode="meda", epochs=2, compile="default", **FAST))
+    for a, b in zip(eager["epochs"], compiled["epochs"], strict=True):
+        assert b["test_auc"] == pytest.approx(a["test_auc"], abs=1e-3)
