@@ -18,7 +18,7 @@ process; CUDA: max allocated), test AUC / logloss after epoch 1 and at the best
 validation epoch.
 
     nice -n 10 .venv/bin/python benchmarks/ctr_peers.py --rows 100000 --epochs 2
-    python benchmarks/ctr_peers.py --device cuda --rows 2000000 --epochs 2   # on a GPU host
+    python3 benchmarks/ctr_peers.py --device cuda --rows 2000000 --epochs 2 --peers-site peers_site  # GPU host
 
 The FuxiCTR wheel's own ``model_zoo/LongCTR/DCNv2`` expects item-sequence inputs (it reads
 ``(batch, item_dict, mask)``), so for Criteo-format data the DCNv2 here is assembled from the
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--work", default="runs/ctr_peers", help="Data, venv and per-run outputs.")
     ap.add_argument("--venv", default=None, help="Peers' venv (default WORK/venv; created when missing).")
+    ap.add_argument("--peers-site", default=None,
+                    help="Instead of a venv: a folder of the peers' packages (pip install --target) put on this "
+                         "Python's path, e.g. on a GPU host whose CUDA torch must be used.")  # fmt: skip
     ap.add_argument("--json", default="docs/results/ctr_peers_{device}.json")
     ap.add_argument("--doc", default="docs/ctr-peers.md", help="Markdown file whose table is (re)written.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -67,15 +70,16 @@ def main() -> None:
     npz = _prepare(work, args.rows)
     venv = Path(args.venv) if args.venv else work / "venv"
     libraries = args.libraries.split(",")
-    if any(lib in PEERS for lib in libraries):
+    if any(lib in PEERS for lib in libraries) and not args.peers_site:
         _ensure_venv(venv)
     results = []
     for lib in libraries:
-        python = sys.executable if lib == "meda" else str(venv / "bin" / "python")
+        python = sys.executable if lib == "meda" or args.peers_site else str(venv / "bin" / "python")
         for model in args.models.split(","):
             cmd = [python, __file__, "--worker", lib, "--model", model, "--npz", str(npz),
                    "--epochs", str(args.epochs), "--device", args.device]  # fmt: skip
-            env = {**os.environ, "PYTHONPATH": str(ROOT / "src")} if lib == "meda" else None
+            path = str(ROOT / "src") if lib == "meda" else args.peers_site
+            env = {**os.environ, "PYTHONPATH": path} if path else None
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{lib} {model} failed:\n{done.stderr[-3000:]}")

@@ -38,13 +38,14 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "meda+adamar": ({"mode": "meda", "optimizer": "adamar", "optimizer_options": AR},
                     f"--mode meda {AR_FLAGS}"),
 }  # fmt: skip
-# what the defaults do (criteo preset, DNN): data options (load_dataset) and config fields per variant
-ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
-    "defaults": ({}, {}, ""),
-    "min-count 5": ({"min_count": 5}, {}, "--min-count 5"),
-    "init-std 1.0": ({}, {"init_std": 1.0}, "--init-std 1.0"),
-    "adagrad lr 0.01": ({}, {"optimizer": "adagrad", "lr": 0.01}, "--optimizer adagrad --lr 0.01"),
-    "numeric log-bucket": ({"numeric": "log-bucket"}, {}, "--numeric log-bucket"),
+# what the defaults do (DNN): per variant its preset, data options (load_dataset), config fields and CLI flags
+ABLATIONS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "zipf: defaults": ("zipf", {}, {}, ""),
+    "zipf: min-count 5": ("zipf", {"min_count": 5}, {}, "--min-count 5"),
+    "zipf: init-std 1.0": ("zipf", {}, {"init_std": 1.0}, "--init-std 1.0"),
+    "zipf: adagrad lr 0.01": ("zipf", {}, {"optimizer": "adagrad", "lr": 0.01}, "--optimizer adagrad --lr 0.01"),
+    "criteo: defaults (numeric log)": ("criteo", {}, {}, ""),
+    "criteo: numeric log-bucket": ("criteo", {"numeric": "log-bucket"}, {}, "--numeric log-bucket"),
 }
 FORMATS = {"criteo": "criteo"}  # preset -> file format (others: parquet)
 SMALL = {"embedding_dim": 16, "hidden_units": (256, 128), "batch_size": 2048, "lr": 1e-3}
@@ -59,7 +60,8 @@ def main() -> None:
     ap.add_argument("--models", default="dnn,deepfm")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--epochs", type=int, default=3, help="Epochs (bars: at most 2x this; continual: k=2).")
-    ap.add_argument("--ablation-seeds", default="0", help="Seeds of the criteo defaults ablation ('' = skip).")
+    ap.add_argument("--ablation-seeds", default="0", help="Seeds of the defaults ablation ('' = skip).")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help="Ablation variants (comma list).")
     ap.add_argument("--report-only", action="store_true", help="Train nothing: tabulate the runs already there.")
     ap.add_argument("--json", default="docs/results/ctr_study.json")
     ap.add_argument("--doc", default="docs/ctr-results.md")
@@ -87,22 +89,22 @@ def main() -> None:
                     cmd = _command(data, preset, model, epochs, seed, flags)
                     runs.append(_summary(run_dir, preset, model, method, seed, cmd))
     for seed in [int(s) for s in args.ablation_seeds.split(",") if s]:
-        if "criteo" not in args.presets:
-            break
-        data = _data_file(out, "criteo", args.rows)
-        for name, (data_opts, fields, flags) in ABLATIONS.items():
-            dataset = None
+        for name in [a for a in args.ablations.split(",") if a]:
+            preset, data_opts, fields, flags = ABLATIONS[name]
+            data, dataset = _data_file(out, preset, args.rows), None
             for mode in ("multi-epoch", "meda"):
-                run_dir = out / "ablation" / name.replace(" ", "_") / mode / f"seed{seed}"
+                run_dir = out / "ablation" / name.replace(": ", "_").replace(" ", "_") / mode / f"seed{seed}"
+                if not data_opts and not fields:  # the defaults are the main study's runs
+                    run_dir = out / preset / "dnn" / mode / f"seed{seed}"
                 if not (run_dir / "metrics.json").exists():
                     if args.report_only:
                         continue
-                    dataset = dataset or _dataset(data, "criteo", seed, **data_opts)
+                    dataset = dataset or _dataset(data, preset, seed, **data_opts)
                     cfg = TrainConfig(model="dnn", mode=mode, epochs=args.epochs, seed=seed, **{**SMALL, **fields})
                     train(dataset, cfg, run_dir)
                     print(f"ablation {name} {mode} seed {seed}", flush=True)
-                cmd = _command(data, "criteo", "dnn", args.epochs, seed, f"--mode {mode} {flags}".strip())
-                runs.append(_summary(run_dir, "criteo", "dnn", mode, seed, cmd, ablation=name))
+                cmd = _command(data, preset, "dnn", args.epochs, seed, f"--mode {mode} {flags}".strip())
+                runs.append(_summary(run_dir, preset, "dnn", mode, seed, cmd, ablation=name))
     payload = {"rows": args.rows, "epochs": args.epochs, "settings": SMALL, "adamar": AR, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(payload, indent=1))
@@ -146,8 +148,9 @@ def _summary(run_dir: Path, preset: str, model: str, method: str, seed: int, cmd
 def _stat(values: list[float]) -> str:
     if not values:
         return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+    if len(values) == 1:
+        return f"{values[0]:.4f} (1 seed)"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} ({len(values)})"
 
 
 def _write_tables(payload: dict[str, Any], doc: Path) -> None:
@@ -177,10 +180,10 @@ def _write_tables(payload: dict[str, Any], doc: Path) -> None:
         lines.append("")
     ablation = [r for r in payload["runs"] if "ablation" in r]
     if ablation:
-        lines += ["### what the defaults do (criteo preset, DNN)", "",
+        lines += ["### what the defaults do (DNN)", "",
                   "| variant | multi-epoch epoch 1 | multi-epoch last | meda best-valid | meda last | flags |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
-        for name, (_, _, flags) in ABLATIONS.items():
+        for name, (_, _, _, flags) in ABLATIONS.items():
             multi = [r for r in ablation if r["ablation"] == name and r["method"] == "multi-epoch"]
             meda = [r for r in ablation if r["ablation"] == name and r["method"] == "meda"]
             if multi or meda:
