@@ -23,6 +23,7 @@ from meda.kv.static_cache import SLOT_ALIGN, StaticLayer
 from meda.kv.tiny import FAMILIES, build_tiny
 
 NEW = 6
+DECODES = ("dynamic", "static")
 
 
 @functools.cache
@@ -273,3 +274,32 @@ def test_attention_implementation_goes_through_the_public_setter(monkeypatch) ->
         assert t.model.model.visual.config._attn_implementation == "sdpa"  # vision tower untouched
     assert seen == ["meda_sdpa", "sdpa"]
     assert decoder.config._attn_implementation == "sdpa"
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+def test_cli_takes_the_decode_path() -> None:
+    from typer.testing import CliRunner
+
+    from meda.kv.cli import app
+
+    runner = CliRunner()
+    for command in ("run", "bench"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "--decode" in result.output
+    bad = runner.invoke(app, ["run", "--prompt", "hi", "--decode", "fast"])
+    assert bad.exit_code == 2 and "--decode 'fast'" in bad.output
+    nothing = runner.invoke(app, ["bench", "--only", "no-such-case"])
+    assert nothing.exit_code == 2 and "matches none" in nothing.output
+
+
+def test_generate_with_passes_the_decode_path() -> None:
+    from meda.kv.run import generate_with
+
+    class Tokens:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids)
+
+    t = tiny("qwen2")
+    inputs = t.inputs(1)
+    answers = [generate_with(t.model, Tokens(), inputs, "snapkv", 0.3, 5, decode=d)["answer"] for d in DECODES]
+    assert answers[0] == answers[1]

@@ -61,6 +61,11 @@ def run(
     ),
     attn: str = typer.Option("sdpa", help="Attention implementation: sdpa or eager."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    decode: str = typer.Option(
+        "dynamic",
+        help="dynamic (transformers' decode loop) or static (fast path: static buffers, CUDA graph on GPU; "
+        "same tokens).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Generate an answer with a compressed cache and show what the compression kept.
@@ -70,11 +75,13 @@ def run(
     """
     from meda.kv.recipes import resolve_recipe
     from meda.kv.run import run_once
-    from meda.kv.session import parse_budget
+    from meda.kv.session import DECODE_MODES, parse_budget
 
     options = parse_options(option)
     try:  # check what needs no model first, so a typo fails before a long load
         resolve_recipe(method, **options)
+        if decode not in DECODE_MODES:
+            raise ValueError(f"--decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         parsed_budget = parse_budget(parse_budget_text(budget))
         text = Path(prompt[1:]).read_text() if prompt.startswith("@") else prompt
         result = run_once(
@@ -87,6 +94,7 @@ def run(
             options=options,
             attn_implementation=attn,
             device=device,
+            decode=decode,
         )
     except (ValueError, TypeError, NotImplementedError, OSError) as err:
         from meda.report import console
@@ -150,6 +158,7 @@ def bench(
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+    planned = len(cases)
     if only:
         cases = [c for c in cases if any(part in c.key for part in items(only))]
     rows = []
@@ -157,6 +166,16 @@ def bench(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         jsonl = (out / "results.jsonl").open("a")
+    if not cases:
+        example = "qwen2-7b/32768/b1/snapkv/0.05/static"
+        raise typer.BadParameter(f"--only {only!r} matches none of the {planned} cases (keys look like {example})")
+    import torch
+
+    if not torch.cuda.is_available():
+        from meda.report import console
+
+        console.print("[red]error:[/red] meda kv bench measures GPU speed; no CUDA device is visible")
+        raise typer.Exit(code=2)
     for row in run_speed(cases, decode_tokens=decode_tokens, image_side=image_side, options=parse_options(option)):
         rows.append(row)
         if jsonl is not None:

@@ -24,10 +24,13 @@ def pick_device(device: str) -> str:
     return device
 
 
-def generate_with(model, processor, inputs, method: str, budget, max_new_tokens: int, options=None) -> dict:
+def generate_with(
+    model, processor, inputs, method: str, budget, max_new_tokens: int, options=None, decode: str = "dynamic"
+) -> dict:
     """Greedy generation under ``compress``; returns the answer, timing and the report dict."""
     t0 = time.perf_counter()
-    with torch.inference_mode(), compress(model, method=method, budget=budget, **(options or {})) as report:
+    session = compress(model, method=method, budget=budget, decode=decode, **(options or {}))
+    with torch.inference_mode(), session as report:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - t0
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -50,14 +53,15 @@ def run_once(
     options: dict[str, Any],
     attn_implementation: str = "sdpa",
     device: str = "auto",
+    decode: str = "dynamic",
 ) -> dict[str, Any]:
     from meda.kv.models import load_model
 
     dev = pick_device(device)
     model, processor = load_model(model_name, device=dev, attn_implementation=attn_implementation)
     inputs = build_inputs(processor, prompt, images, device=dev)
-    result = generate_with(model, processor, inputs, method, budget, max_new_tokens, options)
-    return {"model": model_name, "method": method, "budget": budget, "device": dev, **result}
+    result = generate_with(model, processor, inputs, method, budget, max_new_tokens, options, decode=decode)
+    return {"model": model_name, "method": method, "budget": budget, "device": dev, "decode": decode, **result}
 
 
 def print_result(result: dict[str, Any]) -> None:
