@@ -112,3 +112,14 @@ def test_compiled_forward_trains_like_eager_through_meda_redraws() -> None:
     compiled = train(data, TrainConfig(mode="meda", epochs=2, compile="default", **FAST))
     for a, b in zip(eager["epochs"], compiled["epochs"], strict=True):
         assert b["test_auc"] == pytest.approx(a["test_auc"], abs=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_resident_path_matches_host_batches() -> None:
+    data = learnable_dataset(rows=3000)
+    cfg = TrainConfig(mode="meda", epochs=2, device="cuda", **FAST)
+    resident, host = train(data, replace(cfg, resident="on")), train(data, replace(cfg, resident="off"))
+    for a, b in zip(resident["epochs"], host["epochs"], strict=True):
+        assert a["test_auc"] == pytest.approx(b["test_auc"], abs=1e-4)
+    assert resident["timing"][0]["train_rows"] == len(data.train)
