@@ -171,13 +171,16 @@ def _plot(runs: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["preset"], r["tokens"], r["batch"]) for r in runs})
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in runs}))}
+    styles = {run: ("-", ":", "-.")[i % 3] for i, run in enumerate(sorted({r["run"] for r in runs}, reverse=True))}
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         rs = [r for r in runs if (r["preset"], r["tokens"], r["batch"]) == group]
-        for method in sorted({r["method"] for r in rs if r["decode"] == "static"}):
-            mine = [r for r in rs if r["method"] == method and r["decode"] == "static"]
+        for method, run in sorted({(r["method"], r["run"]) for r in rs if r["decode"] == "static"}):
+            mine = [r for r in rs if r["method"] == method and r["run"] == run and r["decode"] == "static"]
             pts = sorted((r["budget"], r["decode_ms_per_token"]) for r in mine)
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{method} (static)")
+            style = dict(marker="o", color=colors[method], ls=styles[run])
+            ax.plot(*zip(*pts, strict=True), **style, label=f"{method} (static, {run})")
         floor = sorted({(r["budget"], r["floor_ms"]) for r in rs if r["decode"] == "static"})
         if floor:
             ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="bandwidth floor")
@@ -192,10 +195,12 @@ def _plot(runs: list[dict], png: Path) -> None:
         ax.set_title(f"{group[0]}, {group[1] // 1024}k tokens, batch {group[2]}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("decode ms/token (log)")
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(len(unique), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    unique = {}
+    for ax in axes[0]:
+        handles, labels = ax.get_legend_handles_labels()
+        unique |= dict(zip(labels, handles, strict=True))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(len(unique), 4), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08 * (1 + len(unique) // 4), 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")

@@ -78,7 +78,8 @@ class StaticLayer(CompressedLayer):
         if key_states.shape[-2] != 1:
             raise NotImplementedError(
                 f"a static cache layer takes one new token per step, got {key_states.shape[-2]}; "
-                "continued prompts and assisted decoding need compress(..., decode='dynamic')"
+                "continued prompts, generate(prefill_chunk_size=...) and assisted decoding need "
+                "compress(..., decode='dynamic')"
             )
         if self.free_slots < 1 and not capturing(key_states):
             self.grow(self.room)
