@@ -15,11 +15,12 @@ makes two passes over the shards, holding one shard's rows at a time:
 
 :class:`StreamedSplit` then serves a split from those arrays (memory-mapped): training batches
 come from a shuffle buffer that holds whole shards until it has ``shuffle_rows`` rows, is
-permuted (seeded) and moved to the device in one block; rows left over after the last full batch
-carry into the next buffer. Memory is bounded by about twice the buffer, whatever the number of
-rows. Under torchrun the shards are divided among the ranks round-robin in name order, each rank
-shuffles its own; all ranks stop at the shortest rank's batch count (``timing`` in metrics.json
-counts the rows trained). Evaluation keeps one label and one logit per validation/test row
+permuted (seeded) and moved to the device in one block, while a worker thread prepares the next
+buffer; rows left over after the last full batch carry into the next buffer. Memory is bounded by
+a few buffers (the one trained on, the next being prepared), whatever the number of rows. Under
+torchrun the shards are divided among the ranks round-robin in name order, each rank shuffles its
+own; all ranks stop at the shortest rank's batch count (``timing`` in metrics.json counts the rows
+trained). Evaluation keeps one label and one logit per validation/test row
 (12 bytes a row) for the exact AUC.
 """
 
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -120,7 +122,8 @@ class StreamedSplit:
         rng = np.random.default_rng(seed)
         mine = self.parts[rank::world]
         done = 0
-        for block in self._buffers([mine[i] for i in rng.permutation(len(mine))], rng, local):
+        for host in _one_ahead(self._buffers([mine[i] for i in rng.permutation(len(mine))], rng, local)):
+            block = self._device(host)
             n = block["label"].shape[0]
             for s in range(0, n, local):
                 if done == steps:
@@ -141,7 +144,7 @@ class StreamedSplit:
             offset += part["rows"]
 
     def _buffers(self, parts: list[dict[str, Any]], rng: np.random.Generator, local: int) -> Iterator[Batch]:
-        """Permuted blocks of whole batches (the last block may end short) on the device."""
+        """Permuted host blocks of whole batches (the last block may end short)."""
         pending: list[EncodedData] = []
         rows = 0
         for i, part in enumerate(parts):
@@ -154,7 +157,7 @@ class StreamedSplit:
             pending = []
             perm = rng.permutation(len(buffer))
             cut = len(buffer) if last else len(buffer) - len(buffer) % local
-            yield self._device(to_tensors(buffer, perm[:cut]))
+            yield to_tensors(buffer, perm[:cut])
             if cut < len(buffer):
                 pending, rows = [take(buffer, perm[cut:])], len(buffer) - cut
             else:
@@ -449,6 +452,16 @@ def _concat_parts(parts: list[EncodedData]) -> EncodedData:
                 for k in ("day", "group")}  # fmt: skip
     return EncodedData(**{k: np.concatenate([getattr(p, k) for p in parts])
                           for k in ("categorical", "numeric", "sequence", "label")}, **optional)  # fmt: skip
+
+
+def _one_ahead(blocks: Iterator[Batch]) -> Iterator[Batch]:
+    """``blocks``, with the next one prepared in a worker thread while the caller trains on this one
+    (numpy releases the GIL while it copies; the order, and so the shuffle, is unchanged)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(next, blocks, None)
+        while (block := pending.result()) is not None:
+            pending = pool.submit(next, blocks, None)
+            yield block
 
 
 def _local_batch(batch_size: int, world: int) -> int:
