@@ -8,7 +8,7 @@ synchronised at the end of the pass), evaluation excluded. Variants (``--variant
 autocast, torch.compile and host-side batches (``resident=off``, the path before batches were
 kept on the device) for the models in ``--variant-models``. A short warm-up run comes first.
 
-    python benchmarks/ctr_throughput.py --device cuda --out runs/ctr_throughput      # ~3-4 min on an H200
+    python benchmarks/ctr_throughput.py --device cuda --out runs/ctr_throughput --work /tmp/ctr_data  # H200: ~3-4 min
     python benchmarks/ctr_throughput.py --device cpu --rows 20000 --models dnn --batch-sizes 1024 \\
         --variants host --out /tmp/tp                                                 # CPU smoke run
 """
@@ -72,11 +72,14 @@ def main() -> None:
     ap.add_argument("--variant-models", default="dnn,deepfm")
     ap.add_argument("--variant-batch", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True, help="folder: throughput.json, throughput.md, data cache")
+    ap.add_argument("--out", type=Path, required=True, help="folder: throughput.json, throughput.md")
+    ap.add_argument("--work", type=Path, default=None, help="folder of the generated data and cache (default: --out)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ds = dataset(args.rows, args.out, args.seed)
+    work = args.work or args.out
+    work.mkdir(parents=True, exist_ok=True)
+    ds = dataset(args.rows, work, args.seed)
     print(f"data ready in {time.perf_counter() - started:.1f} s: {ds.report['split_sizes']}", flush=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     plan = [(m, b, "eager") for m in args.models.split(",") for b in batches]
