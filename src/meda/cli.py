@@ -49,8 +49,9 @@ def demo(
     """Run the built-in demos on this machine's CPU (or GPU if present); no downloads.
 
     kv: SmolLM2-135M-Instruct answers a question over an 856-token context with the full
-    cache, SnapKV and MEDA at 20% of the cache; prints answers, per-layer budgets and KV
-    bytes (about 20 s on 2 CPU cores). ctr: 400k synthetic impressions trained one-epoch
+    cache, SnapKV, the paper's MEDA (meda-paper) and the recommended MEDA (meda) at 20% of the
+    cache; prints answers, per-layer budgets and KV bytes (about 20 s on 2 free CPU cores); then
+    the same on the reference VLM meda-vlm-mini if it loads. ctr: 400k synthetic impressions trained one-epoch
     vs multi-epoch vs MEDA for 4 epochs; prints test AUC per epoch (about 20 s).
     """
     if engine not in {"all", "kv", "ctr"}:
