@@ -9,7 +9,10 @@ any failure inside ``compress``.
 from __future__ import annotations
 
 import functools
+import gc
+import inspect
 import math
+import weakref
 
 import pytest
 import torch
@@ -43,6 +46,11 @@ def generate(t, inputs, method: str, budget, decode: str, new: int = NEW, room: 
         out = t.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kw)
     counts = dict(session.decoder.counts) if session.decoder is not None else None
     return out, counts, report
+
+
+def cache_kwarg(model) -> str:
+    """The name generate takes a cache under (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def assert_static_matches(t, inputs, method: str, budget, **kw) -> None:
@@ -96,7 +104,7 @@ def test_room_that_runs_out_grows_and_keeps_tokens() -> None:
     budget = SLOT_ALIGN - 6  # kept tokens per layer: stored + room rounds up to one SLOT_ALIGN, about 6 free slots
     ref, _, _ = generate(t, inputs, "snapkv", budget, "dynamic", new=12)
     cache = DynamicCache(config=t.model.config)
-    out, _, _ = generate(t, inputs, "snapkv", budget, "static", new=12, room=1, past_key_values=cache)
+    out, _, _ = generate(t, inputs, "snapkv", budget, "static", new=12, room=1, **{cache_kwarg(t.model): cache})
     assert torch.equal(out, ref)
     assert all(layer.keys.shape[-2] == 2 * SLOT_ALIGN for layer in cache.layers), "the buffers did not grow"
 
@@ -149,6 +157,24 @@ def test_static_decode_attention_matches_plain_attention(softcap) -> None:
     out = static_decode_attention(query, keys, values, bias, scaling=0.3, softcap=softcap)
     ref = _reference_attention(query, keys, values, key_mask, 0.3, softcap)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_output_template_keeps_no_cache_alive_and_copies_logits() -> None:
+    from meda.kv.fast_decode import OutputTemplate
+
+    t = tiny("qwen2")
+    cache = DynamicCache(config=t.model.config)
+    with torch.inference_mode():
+        out = t.model(**t.inputs(1), use_cache=True, **{cache_kwarg(t.model): cache})
+    template = OutputTemplate.of(out, cache)
+    other = DynamicCache(config=t.model.config)
+    step = template.fill(other)
+    assert type(step) is type(out) and torch.equal(step.logits, out.logits) and step.logits is not out.logits
+    assert any(v is other for v in step.values())
+    ref = weakref.ref(cache)
+    del out, cache, step
+    gc.collect()
+    assert ref() is None, "the template still holds the finished generation's cache"
 
 
 def test_static_layer_writes_in_place_and_resets() -> None:

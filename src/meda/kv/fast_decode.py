@@ -61,6 +61,24 @@ def _signature(kwargs: dict[str, Any]) -> tuple | None:
     return tuple(sig)
 
 
+class OutputTemplate:
+    """The captured step's output without a reference to its cache (a finished generation's cache must be
+    freed even while the graph lives); :meth:`fill` builds each step's output around the live cache."""
+
+    def __init__(self, kind: type, fields: dict[str, Any], cache_fields: list[str]):
+        self.kind, self.fields, self.cache_fields = kind, fields, cache_fields
+
+    @classmethod
+    def of(cls, output, cache) -> OutputTemplate:
+        fields = {k: v for k, v in output.items() if v is not cache}
+        return cls(type(output), fields, [k for k, v in output.items() if v is cache])
+
+    def fill(self, cache):
+        """The step's output: logits copied out of the graph's buffer (the next replay overwrites it)."""
+        fields = {**self.fields, **dict.fromkeys(self.cache_fields, cache), "logits": self.fields["logits"].clone()}
+        return self.kind(**fields)
+
+
 class StaticDecoder:
     """Replaces ``model.forward`` inside a ``decode="static"`` session (see the module docstring).
 
@@ -154,7 +172,7 @@ class StaticDecoder:
             torch.cuda.synchronize()
             return
         self._graph, self._sig, self._cache_ref = graph, sig, weakref.ref(cache)
-        self._inputs, self._output = inputs, output
+        self._inputs, self._output = inputs, OutputTemplate.of(output, cache)
         self.counts["captures"] += 1
 
     def _replay(self, step: dict[str, Any], layers: list[StaticLayer]):
@@ -170,10 +188,7 @@ class StaticDecoder:
         for layer in layers:
             layer.advance()
         self.counts["graph"] += 1
-        template = self._output
-        fresh = {k: v for k, v in template.items()}
-        fresh["logits"] = template.logits.clone()  # the next replay overwrites the graph's buffer
-        return type(template)(**fresh)
+        return self._output.fill(step_cache(step))
 
     def replay_ms(self) -> float | None:
         """Median GPU time of one replayed step (inputs copied + graph), when ``timing`` was on."""
