@@ -24,7 +24,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 SESSION_ATTR = "_meda_session"
 BASES = ("sdpa", "eager")
 # On CUDA, layers of a compressed cache differ in length and grow every step; backends that build a
-# plan per shape (cuDNN attention) then re-plan at every layer of every step. These do not.
+# plan per shape (cuDNN attention) then re-plan at every layer of every step. These do not. A prefill
+# from an empty cache (as many keys as queries, one shape for every layer) keeps the stock dispatch.
 SHAPE_AGNOSTIC_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -104,7 +105,7 @@ def _make(base: str) -> Callable:
         if static is not None:
             return _static_attention(static, query, kwargs)
         attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
-        if base == "sdpa" and query.is_cuda:
+        if base == "sdpa" and query.is_cuda and query.shape[-2] != key.shape[-2]:
             with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS):
                 return stock(module, query, key, value, attention_mask, **kwargs)
         return stock(module, query, key, value, attention_mask, **kwargs)
