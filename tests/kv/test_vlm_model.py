@@ -212,3 +212,14 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert train.main([*common, "--max-steps", "2", "--resume"])["steps"] == 2
     events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" and e["step"] == 1 for e in events)
+
+
+@needs_smollm2
+def test_accuracy_loop_scores_stock_and_compressed_generation(processor) -> None:
+    from meda.kv.vlm.evaluate import task_accuracy
+
+    model, _ = tiny_vlm(processor)
+    for method in (None, "snapkv"):
+        run = task_accuracy(model, processor, "mm-order", 3, 2, method=method, budget=0.5)
+        assert run["samples"] == 2 and len(run["answers"]) == 2 and 0.0 <= run["accuracy"] <= 1.0
+        assert [gold for _, gold in run["answers"]] == [get_task("mm-order").make(i, 3).answer for i in range(2)]
