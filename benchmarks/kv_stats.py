@@ -242,6 +242,9 @@ class _QKRecorder:
         self.qk[module.layer_idx] = (query.detach().clone(), key.detach().clone())
         return mask
 
+    def static_layer_for(self, module, key):
+        return None  # no static decode buffers here
+
 
 def record_qk(model, inputs: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """One prefill of ``model`` with its post-RoPE queries and keys recorded per layer."""
