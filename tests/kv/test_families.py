@@ -94,6 +94,18 @@ def test_sliding_report_says_what_the_budget_means() -> None:
     assert len(report.layer_entropy) == 2  # measured on the compressed layers only
 
 
+def test_qwen2_sliding_window_upper_layers_are_hybrid() -> None:
+    """Qwen2 with ``use_sliding_window``: layers from ``max_window_layers`` on slide, the lower ones are compressed."""
+    t = build_tiny("qwen2", use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=2)
+    inputs = t.inputs(3)
+    ref = greedy(t.model, inputs)
+    with compress(t.model, method="meda", budget=1.0):
+        assert torch.equal(greedy(t.model, inputs), ref)
+    with compress(t.model, method="meda", budget=0.3) as report:
+        greedy(t.model, inputs)
+    assert report.compressed_layers == [0, 1] and report.sliding_layers == [2, 3]
+
+
 def test_projection_layout_does_not_matter() -> None:
     """Phi-3's fused qkv_proj and GPT-2's c_attn (a family never listed anywhere) are found by their interface."""
     from transformers import GPT2Config, GPT2LMHeadModel
