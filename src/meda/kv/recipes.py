@@ -99,8 +99,8 @@ METHODS: dict[str, Recipe | None] = {
     "meda-paper": Recipe(
         allocator="entropy", scorer="cumulative", text_priority=True, recent_window=32, merge="average"
     ),
-    # the recommended MEDA (docs/results.md): budgets from a tempered entropy with a floor, the paper's
-    # cumulative score, evicted values merged only into pairs kept for their score, keys left as kept
+    # the recommended MEDA (docs/results.md): budgets from a tempered entropy with a floor of half the
+    # budget, the paper's cumulative score, text first; evicted pairs dropped (no merge helped here)
     "meda": Recipe(
         allocator="entropy",
         scorer="cumulative",
@@ -108,9 +108,7 @@ METHODS: dict[str, Recipe | None] = {
         recent_window=32,
         tau=4.0,
         layer_floor=0.5,
-        merge="average",
-        merge_keys=False,
-        merge_targets="scored",
+        merge="none",
     ),
 }
 
