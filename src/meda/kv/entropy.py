@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from meda.kv.scoring import causal_logit_chunks
+from meda.kv.kernels import fused_available
+from meda.kv.scoring import causal_logit_chunks, check_attention_inputs
 
 
 def cross_modal_entropy(
@@ -45,12 +46,41 @@ def cross_modal_entropy(
     Returns:
         ``float32 [B]`` entropies (``E`` above).
     """
+    sums, counts = cross_modal_entropy_sums(
+        query, key, vision, valid, scaling=scaling, softcap=softcap, query_chunk=query_chunk, query_subset=query_subset
+    )
+    return (sums / counts.clamp_min(1.0)).sum(dim=1) / query.shape[1]
+
+
+def cross_modal_entropy_sums(
+    query: Tensor,
+    key: Tensor,
+    vision: Tensor,
+    valid: Tensor,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    query_chunk: int = 512,
+    query_subset: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The parts of :func:`cross_modal_entropy` (same arguments), to add up over prompt chunks.
+
+    Returns:
+        ``(sums [B, 2], counts [B, 2])`` float32 over (text rows, vision rows): the row entropies summed
+        over eligible rows and query heads, and the number of eligible rows. On CUDA with Triton the fused
+        kernel computes them (:mod:`meda.kv.kernels`), elsewhere the chunked PyTorch reference below.
+    """
     if vision.dtype != torch.bool or vision.shape != valid.shape:
         raise ValueError(
             f"vision must be a bool tensor shaped like valid {tuple(valid.shape)}; got {vision.dtype} "
             f"{tuple(vision.shape)}"
         )
-    batch, q_heads = query.shape[0], query.shape[1]
+    if fused_available(query):
+        from meda.kv.kernels.statistics import entropy_sums
+
+        check_attention_inputs(query, key, valid)
+        return entropy_sums(query, key, vision, valid, scaling=scaling, softcap=softcap, query_subset=query_subset)
+    batch = query.shape[0]
     sums = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)  # [text rows, vision rows]
     counts = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)
     chunks = causal_logit_chunks(
@@ -67,7 +97,7 @@ def cross_modal_entropy(
         rows = torch.stack((~query_vision, query_vision), dim=-1) & eligible[..., None]  # [B, c, 2]
         sums += (row_entropy[..., None] * rows).sum(dim=1)
         counts += rows.sum(dim=1)
-    return (sums / counts.clamp_min(1.0)).sum(dim=1) / q_heads
+    return sums, counts
 
 
 def _entropy_rows(log_probs: Tensor, hidden: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from meda.kv.kernels import fused_available
+
 
 def check_attention_inputs(query: Tensor, key: Tensor, valid: Tensor) -> None:
     """Raise ``ValueError`` unless ``query [B,Hq,Nq,D]``, ``key [B,Hkv,N,D]``, ``valid [B,N]`` agree."""
@@ -151,8 +153,22 @@ def cumulative_attention_scores(
             (counters the bias of causal sums towards early tokens). Default False: the paper's / H2O's sum.
 
     Returns:
-        ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys.
+        ``float32 [B, Hkv, N]`` scores, ``-inf`` at padded keys. On CUDA with Triton the fused kernel
+        computes them (:mod:`meda.kv.kernels`: two passes, no logit chunks), elsewhere the chunks below.
     """
+    if fused_available(query):
+        from meda.kv.kernels.statistics import cumulative_scores
+
+        check_attention_inputs(query, key, valid)
+        return cumulative_scores(
+            query,
+            key,
+            valid,
+            scaling=scaling,
+            softcap=softcap,
+            query_subset=query_subset,
+            average_over_queries=average_over_queries,
+        )
     batch, kv_heads, n_keys = key.shape[0], key.shape[1], key.shape[2]
     total = torch.zeros(batch, kv_heads, n_keys, device=key.device, dtype=torch.float32)
     chunks = causal_logit_chunks(
