@@ -18,7 +18,7 @@ process; CUDA: max allocated), test AUC / logloss after epoch 1 and at the best
 validation epoch.
 
     nice -n 10 .venv/bin/python benchmarks/ctr_peers.py --rows 100000 --epochs 2
-    python3 benchmarks/ctr_peers.py --device cuda --rows 2000000 --epochs 2 --peers-site peers_site  # GPU host
+    python3 benchmarks/ctr_peers.py --device cuda --rows 1000000 --epochs 2 --peers-site peers_site  # GPU host
 
 The FuxiCTR wheel's own ``model_zoo/LongCTR/DCNv2`` expects item-sequence inputs (it reads
 ``(batch, item_dict, mask)``), so for Criteo-format data the DCNv2 here is assembled from the
@@ -72,7 +72,13 @@ def main() -> None:
     libraries = args.libraries.split(",")
     if any(lib in PEERS for lib in libraries) and not args.peers_site:
         _ensure_venv(venv)
-    results = []
+    out = Path(args.json.format(device=args.device))
+    payload = {"rows": args.rows, "epochs": args.epochs, "device": args.device, "sizes": SIZES,
+               "torch_threads": _threads(), "runs": []}  # fmt: skip
+    if out.exists():  # runs of other libraries/models with the same settings are kept
+        old = json.loads(out.read_text())
+        if all(old.get(k) == payload[k] for k in ("rows", "epochs", "device", "sizes")):
+            payload["runs"] = old["runs"]
     for lib in libraries:
         python = sys.executable if lib == "meda" or args.peers_site else str(venv / "bin" / "python")
         for model in args.models.split(","):
@@ -84,14 +90,13 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(f"{lib} {model} failed:\n{done.stderr[-3000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            results.append(result)
             print(_line(result), flush=True)
-    payload = {"rows": args.rows, "epochs": args.epochs, "device": args.device, "sizes": SIZES,
-               "torch_threads": _threads(), "runs": results}  # fmt: skip
-    out = Path(args.json.format(device=args.device))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
-    _write_table(payload, Path(args.doc))
+            runs = [r for r in payload["runs"] if (r["library"], r["model"]) != (lib, model)] + [result]
+            order = {name: i for i, name in enumerate(["meda", *PEERS])}
+            payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]]))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(payload, indent=1))  # after every run: an interrupted benchmark keeps its runs
+            _write_table(payload, Path(args.doc))
     print(f"wrote {out} and the {args.device} table of {args.doc}")
 
 
@@ -259,6 +264,7 @@ def _fuxictr(model: str, vocab: Any, device: Any) -> tuple[Any, Any, bool]:
     import torch
     from fuxictr.features import FeatureMap
     from fuxictr.pytorch.layers import CrossNetV2, FactorizationMachine, FeatureEmbedding, MLP_Block
+    from fuxictr.pytorch.models import BaseModel
     from torch import nn
 
     fmap = FeatureMap("bench", "/tmp")
@@ -295,7 +301,9 @@ def _fuxictr(model: str, vocab: Any, device: Any) -> tuple[Any, Any, bool]:
             out = self.mlp(flat)
             return out + self.fm(x, emb) if self.fm is not None else out
 
-    return Net(), to_input, False
+    net = Net()
+    BaseModel.reset_parameters(net)  # FuxiCTR's own init: xavier-normal Linear layers, then each layer's init_weights
+    return net, to_input, False
 
 
 def _deepctr(model: str, vocab: Any, device: Any) -> tuple[Any, Any, bool]:

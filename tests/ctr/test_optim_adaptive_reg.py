@@ -83,7 +83,7 @@ def test_alpha_zero_is_the_base_optimiser_and_the_network_group_is_never_decayed
     opt_base = build_optimizer(kind, [base[0]], [base[1]], lr=0.01)
     decayed = build_optimizer(f"{kind}ar", [], [torch.nn.Parameter(weight.clone())], lr=0.01)
     for g in grads:
-        for (p, q) in ((ar[0], base[0]), (ar[1], base[1])):
+        for p, q in ((ar[0], base[0]), (ar[1], base[1])):
             p.grad = q.grad = g[:DIM] if p.shape[0] == DIM else g
         decayed.param_groups[0]["params"][0].grad = g[:DIM]
         opt_ar.step()
