@@ -153,3 +153,10 @@ def test_static_decode_after_a_chunked_prompt_matches_dynamic() -> None:
     assert torch.equal(out, ref)
     assert static.layer_tokens == dynamic.layer_tokens
     assert static.compressions == dynamic.compressions == 3
+
+
+def test_allocator_without_running_statistics_refuses_chunks() -> None:
+    t = tiny()
+    inputs = t.inputs(1, lengths=[96])
+    with compress(t.model, "vlcache", 0.5, window=8), pytest.raises(NotImplementedError, match="chunk by chunk"):
+        greedy(t.model, inputs, prefill_chunk_size=40)

@@ -101,8 +101,9 @@ class ChunkedPrefill:
         idx, q_len = module.layer_idx, query.shape[-2]
         if r is not None and r.allocator not in CHUNK_ALLOCATORS:
             raise NotImplementedError(
-                f"allocator {r.allocator!r} cannot compress a prompt chunk by chunk (supported: "
-                f"{', '.join(CHUNK_ALLOCATORS)}); pass the whole prompt at once (no prefill_chunk_size)"
+                f"method {session.report.method!r} (allocator {r.allocator!r}) cannot compress a prompt chunk by "
+                f"chunk (allocators that can: {', '.join(CHUNK_ALLOCATORS)}); pass the whole prompt at once "
+                "(no prefill_chunk_size, no continued prompt)"
             )
         if self.chunk is None:
             self.chunk = self._chunk_groups(session, query, q_len, layer)
