@@ -200,8 +200,9 @@ def test_allocator_table_covers_every_recipe_allocator() -> None:
     for name, fn in ALLOCATORS.items():
         res = fn(stat if name in ("entropy", "density") else None, 3, 0.3, 1.0, 0.01)
         assert abs(float(res.fractions.mean()) - 0.3) < 1e-9, name
-    recipe = resolve_recipe("meda", layer_floor=0.5)
-    assert recipe.floor(0.2) == pytest.approx(0.1) and resolve_recipe("meda").floor(0.2) == pytest.approx(0.01)
+    assert resolve_recipe("meda").floor(0.2) == pytest.approx(0.1)  # the recommended recipe: half the budget
+    assert resolve_recipe("meda-paper").floor(0.2) == pytest.approx(0.01)  # the paper: alpha_min only
+    assert resolve_recipe("meda-paper", layer_floor=0.5).floor(0.6) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="layer_floor"):
         resolve_recipe("meda", layer_floor=2.0)
 

@@ -66,7 +66,8 @@ def _compare(model, processor, inputs, budget: float, title: str) -> None:
 
 
 def _vlm_demo(device: str, budget: float) -> None:
-    """The reference VLM on a multimodal needle, if it loads (it ships in the repository once trained)."""
+    """The reference VLM on a multimodal needle at its smallest size, if it loads (docs/vlm.md says how well
+    the shipped weights read images: the answers here are only as good as the full cache's)."""
     from meda.kv.eval.inputs import sample_inputs
     from meda.kv.eval.tasks import get_task
     from meda.kv.models import load_model
@@ -77,7 +78,7 @@ def _vlm_demo(device: str, budget: float) -> None:
     except (ValueError, OSError, ModuleNotFoundError, NotImplementedError) as err:
         console.print(f"[yellow]skipped the {VLM_ALIAS} demo:[/yellow] {err}")
         return
-    sample = task.make(0, task.sizes[-1])
+    sample = task.make(0, task.sizes[0])  # the smallest size: seconds on a CPU, not minutes
     inputs = sample_inputs(processor, sample, device=device)
     console.rule(f"[bold]{VLM_ALIAS}[/bold]: {task.name}, {len(sample.images)} images")
     console.print(f"prompt: {inputs['input_ids'].shape[1]} tokens on {device}; the answer is {sample.answer}")
