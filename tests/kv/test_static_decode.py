@@ -117,19 +117,29 @@ def test_beam_search_reorders_static_buffers_in_place() -> None:
     assert torch.equal(out, ref)
 
 
-def test_static_layers_replace_the_cache_and_hold_real_bytes() -> None:
+def test_static_layers_replace_the_cache_at_the_first_decoded_token_and_hold_real_bytes() -> None:
     t = tiny("qwen2")
     inputs = t.inputs(2)
-    cache = DynamicCache(config=t.model.config)
+    prefilled, cache = DynamicCache(config=t.model.config), DynamicCache(config=t.model.config)
     with torch.inference_mode(), compress(t.model, "snapkv", 0.25, decode="static", decode_room=5) as report:
-        t.model(**inputs, cache=cache, use_cache=True)
+        t.model(**inputs, use_cache=True, **{cache_kwarg(t.model): prefilled})
+        assert all(type(layer) is CompressedLayer for layer in prefilled.layers)  # prompt chunks may still follow
+        t.model.generate(**inputs, max_new_tokens=3, do_sample=False, **{cache_kwarg(t.model): cache})
     assert all(isinstance(layer, StaticLayer) for layer in cache.layers)
     layer = cache.layers[0]
     assert layer.keys.shape[-2] % SLOT_ALIGN == 0 and layer.room >= 5
     assert layer.keys.shape[-2] == layer.stored + layer.room
     assert report.kv_bytes_after == sum(x.stored_bytes() for x in cache.layers)
-    kept = layer.key_mask.sum(-1).float().mean()
+    kept = layer.key_mask[..., : layer.stored].sum(-1).float().mean()
     assert round(float(kept)) == report.layer_tokens[0]
+
+
+def test_chunked_prefill_then_static_decode_matches_dynamic() -> None:
+    t = tiny("llama")
+    inputs = t.inputs(2)
+    ref, _, _ = generate(t, inputs, "h2o", 0.3, "dynamic", prefill_chunk_size=32)
+    out, counts, _ = generate(t, inputs, "h2o", 0.3, "static", prefill_chunk_size=32)
+    assert torch.equal(out, ref) and counts["eager"] == NEW - 1
 
 
 # ---- the pieces ----------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@
    (gpt-fast's recipe, without ``torch.compile``);
 3. on the CPU, or when capture fails (a warning says why), the same step runs eagerly.
 
-Positions come from ``generate`` itself (it passes ``position_ids`` for every supported family,
-M-RoPE included), so the model never derives them inside the step; a step without them runs
-eagerly. Everything else (prefill, steps over dynamic caches, multi-token steps) goes straight
-to the model's own ``forward``.
+The first such step of a cache prefilled inside the block first moves it into static layers
+(:meth:`meda.kv.session.CompressionSession.prepare_static`): until then prompt chunks may still be
+appended to the compressed cache. Positions come from ``generate`` itself (it passes
+``position_ids`` for every supported family, M-RoPE included), so the model never derives them
+inside the step; a step without them runs eagerly. Everything else (prefill, steps over dynamic
+caches, multi-token steps) goes straight to the model's own ``forward``.
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ class StaticDecoder:
         timing: record CUDA events around each replay (``replay_ms`` gives their median).
     """
 
-    def __init__(self, forward: Callable, *, use_graph: bool = True):
+    def __init__(self, forward: Callable, *, prepare: Callable | None = None, use_graph: bool = True):
+        """``forward``: the model's own; ``prepare(cache, attention_mask) -> bool`` moves a prefilled cache into
+        static layers at its first one-token step (the session's :meth:`prepare_static`)."""
         self.forward = forward
+        self.prepare = prepare
         self.use_graph = use_graph
         self.counts = {"graph": 0, "eager": 0, "captures": 0}
         self.notes: list[str] = []
@@ -110,7 +115,11 @@ class StaticDecoder:
         cache = step_cache(kwargs)
         layers = static_layers(cache)
         ids = kwargs.get("input_ids")
-        if args or layers is None or ids is None or ids.shape[-1] != 1 or kwargs.get("inputs_embeds") is not None:
+        one_token = not args and ids is not None and ids.shape[-1] == 1 and kwargs.get("inputs_embeds") is None
+        prefilled = layers is None and one_token and cache is not None and self.prepare is not None
+        if prefilled and self.prepare(cache, kwargs.get("attention_mask")):  # first decoded token of a prefill
+            layers = static_layers(cache)
+        if not one_token or layers is None:
             if layers is None and any(isinstance(x, StaticLayer) for x in getattr(cache, "layers", ())):
                 self._note(
                     "some cache layers (sliding-window) keep dynamic caches: decode steps ran uncaptured through "

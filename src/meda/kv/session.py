@@ -21,7 +21,6 @@ import torch
 from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
-from meda.kv.chunked import ChunkedPrefill
 from meda.kv.fast_decode import StaticDecoder
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
@@ -77,6 +76,7 @@ class CompressionSession:
         self.decode, self.decode_room = decode, decode_room
         self.decoder: StaticDecoder | None = None
         self._saved_forward = _MISSING
+        self._static_target = None  # weakref to the cache prefilled in this block, moved to static buffers at decode
         self.layers = decoder_layers(model)  # raises for models meda.kv cannot compress
         self.model = model
         self.recipe = recipe
@@ -91,7 +91,6 @@ class CompressionSession:
         self._handles: list = []
         # the layers of the last compressed cache, weakly: a finished generation's cache is freed as usual
         self._cache_layers: weakref.WeakValueDictionary[int, CompressedLayer] = weakref.WeakValueDictionary()
-        self._chunks: ChunkedPrefill | None = None  # running statistics of a prompt compressed chunk by chunk
         self._reset_forward()
 
     # ---- attach / detach -------------------------------------------------------------
@@ -125,7 +124,7 @@ class CompressionSession:
         self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
         if self.decode == "static":  # generate calls model(...) -> model.forward: the instance attribute wins
             self._saved_forward = self.model.__dict__.get("forward", _MISSING)
-            self.decoder = StaticDecoder(self.model.forward)
+            self.decoder = StaticDecoder(self.model.forward, prepare=self.prepare_static)
             self.model.forward = self.decoder
 
     def detach(self) -> None:
@@ -154,13 +153,9 @@ class CompressionSession:
         self._entropy: dict[int, torch.Tensor] = {}
         self._density: dict[int, torch.Tensor] = {}  # VL-Cache's post-vision attention density per layer
         self._prefill_seen = False
-        self._selections: dict[int, selection.Selection] = {}  # per compressed layer, for ChunkedPrefill
-        self._continued: tuple | None = None  # a prompt chunk on a non-empty cache: ("ours",) or ("foreign", q, past)
 
     def _before_forward(self, module, args, kwargs):
         self._reset_forward()
-        if self._chunks is not None:
-            self._chunks.begin_forward()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._inputs = {
             "input_ids": input_ids,
@@ -169,15 +164,11 @@ class CompressionSession:
         }
 
     def _after_forward(self, module, args, kwargs, output):
-        if not self._prefill_seen and self._continued is None:
+        if not self._prefill_seen:
             return output
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        if self._continued is not None:
-            self._after_continued(cache)
-            self._reset_forward()
-            return output
         if cache is None:
             self.report.notes.append("forward ran without a cache (use_cache=False): nothing to compress")
             return output
@@ -185,27 +176,8 @@ class CompressionSession:
         if missing:
             raise RuntimeError(f"prefill statistics missing for layers {missing}; was the forward interrupted?")
         self._compress(cache)
-        self._chunks = ChunkedPrefill(self, self._selections) if self.recipe is not None else None
         self._reset_forward()
         return output
-
-    def _after_continued(self, cache) -> None:
-        """After a prompt chunk on a non-empty cache: trim this session's compressed cache back to its
-        running budgets (:mod:`meda.kv.chunked`), or say in the report why the chunk stays uncompressed."""
-        rep = self.report
-        if self._continued[0] == "ours":
-            self._chunks.trim(self, cache)
-        elif self.recipe is None:  # method "full": count what the cache now holds
-            rep.prefill_tokens = cache.get_seq_length() if cache is not None else 0
-            rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
-            rep.kv_bytes_before = rep.kv_bytes_after = cache_bytes(cache) if cache is not None else 0
-        else:
-            _, q_len, past = self._continued
-            rep.notes.append(
-                f"a prompt of {q_len} tokens continued a cache of {past} tokens that this compress block did not "
-                "compress: left uncompressed (meda.kv compresses caches it built; run the first prompt inside the "
-                "same compress(...) block)"
-            )
 
     def on_attention(self, module, query: torch.Tensor, key: torch.Tensor, mask, *, additive: bool):
         """Called by the attention wrapper; returns the mask the stock attention should use.
@@ -216,17 +188,12 @@ class CompressionSession:
         q_len, k_len = query.shape[-2], key.shape[-2]
         layer = self._cache_layers.get(idx)
         if layer is not None and layer.keys is key:
-            if q_len > 1 and self._chunks is not None:  # a prompt chunk appended to this session's compressed cache
-                self._continued = ("ours",)
-                return self._chunks.observe(self, module, layer, query, key, additive)
             n_rep = query.shape[1] // key.shape[1]
             return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)
         if q_len == k_len and q_len > 1:  # a prefill from an empty cache
             self._prefill_seen = True
             if self.recipe is not None:
                 self._observe(idx, module, query, key)
-        elif q_len > 1 and idx not in self.layers.sliding and self._continued is None:
-            self._continued = ("foreign", q_len, k_len - q_len)  # a prompt continued on a cache we did not build
         return mask
 
     def static_layer_for(self, module, key: torch.Tensor) -> StaticLayer | None:
@@ -291,6 +258,7 @@ class CompressionSession:
     # ---- compression -------------------------------------------------------------------
     def _compress(self, cache) -> None:
         rep = self.report
+        self._static_target = weakref.ref(cache) if self.decode == "static" else None
         rep.kv_bytes_before = cache_bytes(cache)
         rep.compressions += 1
         rep.sliding_layers, rep.sliding_window = list(self.layers.sliding), self.layers.window
@@ -307,9 +275,6 @@ class CompressionSession:
             held = {i: _held_tokens(cache.layers[i], valid) for i in self.modules}
             rep.layer_tokens = [round(float(held[i].float().mean())) for i in self.modules]
             rep.layer_fractions = [float((held[i] / n.clamp_min(1)).mean()) for i in self.modules]
-            if self.decode == "static":
-                self._make_static(cache)
-                rep.kv_bytes_after = cache_bytes(cache)
             return
         groups = self._groups
         n = groups.valid.sum(-1)  # [B]
@@ -372,7 +337,6 @@ class CompressionSession:
         sel = selection.select_indices(
             scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
         )
-        self._selections[idx] = sel
         dropped = (n[:, None].float() - sel.mask.sum(-1).float()).clamp(min=0)  # [B, Hkv]
         if r.merge == "none":
             k, v = selection.gather_kv(layer.keys, layer.values, sel)
@@ -389,33 +353,43 @@ class CompressionSession:
         return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
 
     def _new_layer(self, keys, values, key_mask, logical_length: int) -> CompressedLayer:
-        """The cache layer holding a compressed (or, for 'full' with decode='static', whole) prefill.
+        """The cache layer holding a compressed prefill (with ``decode="static"`` it moves into static
+        buffers at the first decoded token, :meth:`prepare_static`, so prompt chunks can still follow).
 
         ``keys``/``values`` ``[batch, kv_heads, stored, head_dim]``, ``key_mask`` bool ``[batch, kv_heads, stored]``.
         """
-        if self.decode == "static":
-            return StaticLayer(keys, values, key_mask, logical_length, room=self.decode_room)
         return CompressedLayer(keys.contiguous(), values.contiguous(), key_mask.contiguous(), logical_length)
 
-    def _make_static(self, cache) -> None:
-        """decode='static' without compression: every full-attention layer moves into static buffers
-        (sliding-window layers keep their own cache); padding tokens of the prompt become empty slots."""
-        mask = self._inputs.get("attention_mask")
+    def prepare_static(self, cache, attention_mask: torch.Tensor | None) -> bool:
+        """``decode="static"``, first decoded token: move the cache this block prefilled into static buffers.
+
+        Compressed layers keep their key masks; untouched full-attention layers (method "full") get the
+        prompt's padding as empty slots, from ``attention_mask`` ``[batch, >= tokens]`` (generate's 2-D
+        mask); sliding-window layers keep their own cache. Returns False for a cache this block did not
+        prefill (it decodes as it is).
+        """
+        if self._static_target is None or self._static_target() is not cache:
+            return False
+        self._static_target = None
         new_layers = {}
         for idx in self.modules:
             layer = cache.layers[idx]
-            if getattr(layer, "is_sliding", False):
+            if getattr(layer, "is_sliding", False) or isinstance(layer, StaticLayer):
                 continue
             b, h, n = layer.keys.shape[:3]
-            if mask is not None and mask.dim() == 2 and mask.shape[-1] != n:
-                raise RuntimeError(
-                    f"cache layer {idx} holds {n} tokens but the prompt has {mask.shape[-1]}; "
-                    "decode='static' needs a prefill from an empty cache"
-                )
-            valid = mask.to(layer.keys.device, torch.bool) if mask is not None and mask.dim() == 2 else None
-            key_mask = valid[:, None, :].expand(-1, h, -1) if valid is not None else layer.keys.new_ones(b, h, n).bool()
-            new_layers[idx] = self._new_layer(layer.keys, layer.values, key_mask, layer.get_seq_length())
+            if isinstance(layer, CompressedLayer):
+                key_mask, logical = layer.key_mask, layer.logical_length
+            else:
+                mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+                valid = mask[:, :n].to(layer.keys.device, torch.bool) if mask is not None else None
+                if valid is None:
+                    valid = torch.ones(b, n, dtype=torch.bool, device=layer.keys.device)
+                key_mask = valid[:, None, :].expand(-1, h, -1)
+                logical = layer.get_seq_length()
+            new_layers[idx] = StaticLayer(layer.keys, layer.values, key_mask, logical, room=self.decode_room)
         self._swap_layers(cache, new_layers)
+        self.report.kv_bytes_after = cache_bytes(cache)
+        return True
 
     def _swap_layers(self, cache, new_layers: dict[int, CompressedLayer]) -> None:
         self._cache_layers = weakref.WeakValueDictionary()
