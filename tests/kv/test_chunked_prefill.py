@@ -48,6 +48,15 @@ def test_chunked_prefill_exact_at_full_budget(method: str, batch: int) -> None:
     assert report.prefill_tokens == round(float(inputs["attention_mask"].sum(-1).float().mean()))
 
 
+def test_chunked_prefill_exact_at_full_budget_with_eager_attention() -> None:
+    t = build_tiny("llama", num_hidden_layers=2, attn_implementation="eager")
+    inputs = t.inputs(2, lengths=[90, 70])
+    ref = greedy(t.model, inputs)
+    for method in ("h2o", "adakv"):  # one mask broadcast over heads; per-head masks (uneven heads)
+        with compress(t.model, method, 1.0, window=8):
+            assert torch.equal(greedy(t.model, inputs, prefill_chunk_size=32), ref)
+
+
 @pytest.mark.parametrize("method", ["meda", "h2o", "snapkv", "adakv"])
 def test_chunked_prefill_ends_at_the_whole_prompt_budget(method: str) -> None:
     t = tiny()

@@ -26,6 +26,7 @@ value and each trim's evicted pairs, not a count-weighted mean over all of them)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -115,8 +116,11 @@ class ChunkedPrefill:
             self.decoded = key.shape[-2] - q_len - state.scores.shape[-1]  # tokens decoded since the last trim
             state.extend(self.decoded, layer.logical_length - q_len)
             self.pending[idx] = self._chunk_statistics(session, module, layer, state, query, key, chunk)
-        n_rep = query.shape[1] // key.shape[1]
-        return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)
+        km, n_rep = layer.key_mask, query.shape[1] // key.shape[1]
+        if bool((km == km[:, :1]).all()):  # every head has the same empty slots: one mask broadcast over heads
+            shared = SimpleNamespace(key_mask=km[:, :1], all_valid=layer.all_valid)
+            return attention_mask_for(shared, q_len, 1, query.dtype, additive)  # [B, 1, q, T]
+        return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)  # [B, Hq, q, T]
 
     def _chunk_groups(self, session, query: Tensor, q_len: int, layer: CompressedLayer):
         """Token groups of the chunk's ``q_len`` tokens (the last columns of the forward's inputs)."""
