@@ -681,7 +681,8 @@ def build_tiny(
     """A tiny random ``family`` model (deterministic in ``seed``), eval mode, on the CPU.
 
     ``shape_overrides`` (e.g. ``num_hidden_layers=2``) go to the decoder config. Generation never stops
-    early (no eos), so ``generate(max_new_tokens=n)`` always returns ``n`` new tokens per row.
+    early (no eos), so ``generate(max_new_tokens=n)`` always returns ``n`` new tokens per row. Families in
+    ``EAGER_ONLY`` (Gemma 2) are built with eager attention whatever ``attn_implementation`` says.
     """
     return _wrap(family, tiny_config(family, **shape_overrides), attn_implementation, seed, dtype, "cpu")
 
