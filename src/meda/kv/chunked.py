@@ -137,7 +137,7 @@ class ChunkedPrefill:
                     "pass a mask over the whole prompt"
                 )
             caller = caller[:, start : start + q_len]
-        return token_groups(
+        groups = token_groups(
             input_ids=last(inputs.get("input_ids")),
             attention_mask=last(inputs.get("attention_mask")),
             shape=(query.shape[0], q_len),
@@ -147,6 +147,9 @@ class ChunkedPrefill:
             mm_token_type_ids=last(inputs.get("mm_token_type_ids")),
             caller_mask=caller,
         )
+        if self.source == "vision" and groups.source != "vision":  # a text chunk after an image: all text
+            groups.vision = torch.zeros_like(groups.valid)
+        return groups
 
     def _chunk_statistics(self, session, module, layer, state: LayerState, query, key, chunk):
         """Scores ``[B, Hkv, T]`` and entropy ``[B]`` (or None) of this chunk's queries, per KV head."""
