@@ -33,6 +33,8 @@ def test_budget_and_option_parsing() -> None:
         "merge": "pivot",
         "entropy_queries": None,
     }
+    # "none" is one of merge's own choices, not Python's None
+    assert parse_options(["merge=none"]) == {"merge": "none"}
 
 
 def test_bad_budget_text_is_rejected() -> None:

@@ -33,16 +33,22 @@ def parse_options(items: list[str]) -> dict[str, object]:
         if "=" not in item:
             raise typer.BadParameter(f"option {item!r} must look like name=value, e.g. tau=0.5")
         name, value = item.split("=", 1)
-        out[name.strip()] = _number_or_text(value.strip())
+        out[name.strip()] = _number_or_text(name.strip(), value.strip())
     return out
 
 
-def _number_or_text(v: str) -> object:
+# recipe fields where "none" is a choice of its own, not Python's None
+_NONE_IS_A_CHOICE = {"merge"}
+
+
+def _number_or_text(name: str, v: str) -> object:
     for cast in (int, float):
         try:
             return cast(v)
         except ValueError:
             pass
+    if v.lower() == "none" and name in _NONE_IS_A_CHOICE:
+        return "none"
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 

@@ -21,6 +21,7 @@ import torch
 from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
 from meda.kv.attention import SESSION_ATTR, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
+from meda.kv.chunked import ChunkedPrefill
 from meda.kv.fast_decode import StaticDecoder
 from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
@@ -91,6 +92,7 @@ class CompressionSession:
         self._handles: list = []
         # the layers of the last compressed cache, weakly: a finished generation's cache is freed as usual
         self._cache_layers: weakref.WeakValueDictionary[int, CompressedLayer] = weakref.WeakValueDictionary()
+        self._chunks: ChunkedPrefill | None = None  # running statistics of a prompt compressed chunk by chunk
         self._reset_forward()
 
     # ---- attach / detach -------------------------------------------------------------
@@ -153,9 +155,13 @@ class CompressionSession:
         self._entropy: dict[int, torch.Tensor] = {}
         self._density: dict[int, torch.Tensor] = {}  # VL-Cache's post-vision attention density per layer
         self._prefill_seen = False
+        self._selections: dict[int, selection.Selection] = {}  # per compressed layer, for ChunkedPrefill
+        self._continued: tuple | None = None  # a prompt chunk on a non-empty cache: ("ours",) or ("foreign", q, past)
 
     def _before_forward(self, module, args, kwargs):
         self._reset_forward()
+        if self._chunks is not None:
+            self._chunks.begin_forward()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._inputs = {
             "input_ids": input_ids,
@@ -164,11 +170,15 @@ class CompressionSession:
         }
 
     def _after_forward(self, module, args, kwargs, output):
-        if not self._prefill_seen:
+        if not self._prefill_seen and self._continued is None:
             return output
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if self._continued is not None:
+            self._after_continued(cache)
+            self._reset_forward()
+            return output
         if cache is None:
             self.report.notes.append("forward ran without a cache (use_cache=False): nothing to compress")
             return output
@@ -176,8 +186,27 @@ class CompressionSession:
         if missing:
             raise RuntimeError(f"prefill statistics missing for layers {missing}; was the forward interrupted?")
         self._compress(cache)
+        self._chunks = ChunkedPrefill(self, self._selections) if self.recipe is not None else None
         self._reset_forward()
         return output
+
+    def _after_continued(self, cache) -> None:
+        """After a prompt chunk on a non-empty cache: trim this session's compressed cache back to its
+        running budgets (:mod:`meda.kv.chunked`), or say in the report why the chunk stays uncompressed."""
+        rep = self.report
+        if self._continued[0] == "ours":
+            self._chunks.trim(self, cache)
+        elif self.recipe is None:  # method "full": count what the cache now holds
+            rep.prefill_tokens = cache.get_seq_length() if cache is not None else 0
+            rep.layer_tokens = [rep.prefill_tokens] * len(self.modules)
+            rep.kv_bytes_before = rep.kv_bytes_after = cache_bytes(cache) if cache is not None else 0
+        else:
+            _, q_len, past = self._continued
+            rep.notes.append(
+                f"a prompt of {q_len} tokens continued a cache of {past} tokens that this compress block did not "
+                "compress: left uncompressed (meda.kv compresses caches it built; run the first prompt inside the "
+                "same compress(...) block)"
+            )
 
     def on_attention(self, module, query: torch.Tensor, key: torch.Tensor, mask, *, additive: bool):
         """Called by the attention wrapper; returns the mask the stock attention should use.
@@ -188,12 +217,17 @@ class CompressionSession:
         q_len, k_len = query.shape[-2], key.shape[-2]
         layer = self._cache_layers.get(idx)
         if layer is not None and layer.keys is key:
+            if q_len > 1 and self._chunks is not None:  # a prompt chunk appended to this session's compressed cache
+                self._continued = ("ours",)
+                return self._chunks.observe(self, module, layer, query, key, additive)
             n_rep = query.shape[1] // key.shape[1]
             return attention_mask_for(layer, q_len, n_rep, query.dtype, additive)
         if q_len == k_len and q_len > 1:  # a prefill from an empty cache
             self._prefill_seen = True
             if self.recipe is not None:
                 self._observe(idx, module, query, key)
+        elif q_len > 1 and idx not in self.layers.sliding and self._continued is None:
+            self._continued = ("foreign", q_len, k_len - q_len)  # a prompt continued on a cache we did not build
         return mask
 
     def static_layer_for(self, module, key: torch.Tensor) -> StaticLayer | None:
@@ -337,6 +371,7 @@ class CompressionSession:
         sel = selection.select_indices(
             scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
         )
+        self._selections[idx] = sel
         dropped = (n[:, None].float() - sel.mask.sum(-1).float()).clamp(min=0)  # [B, Hkv]
         if r.merge == "none":
             k, v = selection.gather_kv(layer.keys, layer.values, sel)
