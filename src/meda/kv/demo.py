@@ -82,7 +82,21 @@ def _vlm_demo(device: str, budget: float) -> None:
     inputs = sample_inputs(processor, sample, device=device)
     console.rule(f"[bold]{VLM_ALIAS}[/bold]: {task.name}, {len(sample.images)} images")
     console.print(f"prompt: {inputs['input_ids'].shape[1]} tokens on {device}; the answer is {sample.answer}")
+    _print_vlm_status()
     _compare(model, processor, inputs, budget, f"KV cache per method ({VLM_ALIAS})")
+
+
+def _print_vlm_status() -> None:
+    """Say how well the shipped weights read images (their measured full-cache accuracy), so that nobody
+    takes the answers below for evidence about compression when the model itself is at chance."""
+    from meda.kv.vlm.weights import read_shipped
+
+    _, meta = read_shipped()
+    accuracy = meta.get("full_cache_accuracy", {})
+    figures = ", ".join(f"{task} {acc:.2f}" for task, acc in accuracy.items())
+    console.print(f"shipped weights, full-cache accuracy at {meta.get('full_cache_accuracy_images')} images: {figures}")
+    if status := meta.get("status"):
+        console.print(f"[yellow]status:[/yellow] {status} (docs/vlm.md)")
 
 
 def run_demo(budget: float = 0.2, paragraphs: int = 8) -> None:
