@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,15 +202,26 @@ def _converted_gguf(gguf: Path) -> Path:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         save_model(model, str(staging / "model.safetensors"))
+
+    return write_checkpoint_once(target, write)
+
+
+def write_checkpoint_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """Fill the cache folder ``target`` atomically: ``write(staging)`` fills a staging folder beside it,
+    which is then renamed to ``target``. A concurrent writer that won the rename is fine; a half-written
+    folder is never left behind. Returns ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
         staging.rename(target)
     except OSError:
-        if not (target / "config.json").is_file():  # a concurrent conversion that won the rename is fine
+        if not (target / "config.json").is_file():  # a concurrent writer won the rename
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +100,11 @@ def assembled_checkpoint(folder: Path = SHIPPED_DIR) -> Path:
     if (target / "config.json").is_file():
         return target
     model, processor = assemble(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # a concurrent assembly that won the rename is fine
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    models.write_checkpoint_once(target, write)
     logger.info("assembled %s at %s", ALIAS, target)
     return target
