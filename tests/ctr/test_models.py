@@ -46,7 +46,7 @@ def test_every_model_gives_one_logit_per_row_and_backpropagates(name: str) -> No
     assert torch.isfinite(logits).all()
     logits.sum().backward()
     assert model.embedding_layers(), "MEDA needs to find the embedding layers"
-    assert all(p.grad is not None for layer in model.embedding_layers().values() for p in layer.categorical.values())
+    assert all(layer.table.grad is not None for layer in model.embedding_layers().values())
 
 
 def test_embedding_layer_shapes_and_sequence_mean_pooling() -> None:
@@ -55,24 +55,24 @@ def test_embedding_layer_shapes_and_sequence_mean_pooling() -> None:
     b = batch()
     out = emb(b)
     assert out.shape == (8, 4, 3)
-    assert torch.allclose(out[:, 0], emb.categorical["user"][b["categorical"][:, 0]])
-    assert torch.allclose(out[:, 2], b["numeric"][:, :1] * emb.numeric["price"])
+    assert torch.allclose(out[:, 0], emb.field_rows("user")[b["categorical"][:, 0]])
+    assert torch.allclose(out[:, 2], b["numeric"][:, :1] * emb.field_rows("price"))
     ids = b["sequence"][1, 0]
     kept = ids[ids != 0]
-    assert torch.allclose(out[1, 3], emb.sequence["history"][kept].mean(0))
+    assert torch.allclose(out[1, 3], emb.field_rows("history")[kept].mean(0))
     assert torch.equal(out[0, 3], torch.zeros(3))  # all padding -> zero vector
 
 
 def test_reinitialise_redraws_only_the_named_tables_from_the_init_distribution() -> None:
     emb = FeatureEmbedding(feature_map(), dim=8, init=EmbeddingInit("normal", 1e-4))
-    before = {k: v.detach().clone() for k, v in emb.state_dict().items()}
+    fields = ("user", "item", "price", "history")
+    before = {n: emb.field_rows(n).detach().clone() for n in fields}
     redrawn = emb.reinitialise(["user"], generator=torch.Generator().manual_seed(1))
-    after = emb.state_dict()
-    assert len(redrawn) == 1
-    assert not torch.equal(before["categorical.user"], after["categorical.user"])
-    assert torch.equal(before["categorical.item"], after["categorical.item"])
-    assert torch.equal(before["numeric.price"], after["numeric.price"])
-    assert after["categorical.user"].std().item() == pytest.approx(1e-4, rel=0.2)
+    after = {n: emb.field_rows(n).detach().clone() for n in fields}
+    assert [(r.param, r.start, r.stop) for r in redrawn] == [(emb.table, 0, 50)]
+    assert not torch.equal(before["user"], after["user"])
+    assert all(torch.equal(before[n], after[n]) for n in ("item", "price", "history"))
+    assert after["user"].std().item() == pytest.approx(1e-4, rel=0.2)
     assert emb.table_names(min_cardinality=40) == ["user"]
     with pytest.raises(KeyError, match="no embedding table"):
         emb.reinitialise(["price"])
@@ -80,7 +80,7 @@ def test_reinitialise_redraws_only_the_named_tables_from_the_init_distribution()
 
 def test_uniform_init_is_bounded() -> None:
     emb = FeatureEmbedding(feature_map(), dim=8, init=EmbeddingInit("uniform", 0.05))
-    assert emb.categorical["user"].abs().max().item() <= 0.05
+    assert emb.table.abs().max().item() <= 0.05
     with pytest.raises(ValueError, match="unknown embedding init"):
         EmbeddingInit("xavier")  # type: ignore[arg-type]
 

@@ -9,6 +9,7 @@ import torch
 from learnable import learnable_dataset
 
 from meda.ctr.adaptive_reg import LAST_UPDATE, decay_coefficient
+from meda.ctr.embedding import Rows
 from meda.ctr.optim import build_optimizer, reset_state
 from meda.ctr.train import TrainConfig, Trainer, train
 
@@ -106,7 +107,7 @@ def test_reset_state_restarts_the_intervals_at_the_reinitialisation() -> None:
     for _ in range(5):
         param.grad = only_row
         opt.step()
-    reset_state(opt, [param])
+    reset_state(opt, [Rows(param, 0, ROWS)])
     assert LAST_UPDATE not in opt.state[param]
     touched = torch.zeros(ROWS, DIM)
     touched[3] = 1.0  # row 3, never updated before: interval counts from the reset (1 step), not from step 0

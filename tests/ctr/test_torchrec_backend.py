@@ -32,9 +32,9 @@ def test_same_logits_and_same_meda_redraw_as_the_native_tables(name: str) -> Non
         names = layer_n.table_names(30)
         layer_n.reinitialise(names, generator=torch.Generator().manual_seed(5))
         redrawn = layer_b.reinitialise(names, generator=torch.Generator().manual_seed(5))
-        for n, p in zip(names, redrawn, strict=True):
-            assert torch.equal(p, {**layer_n.categorical, **layer_n.sequence}[n])
-            assert p is layer_b.bags.embedding_bags[n].weight
+        for n, rows in zip(names, redrawn, strict=True):
+            assert torch.equal(rows.param, layer_n.field_rows(n))
+            assert rows.param is layer_b.bags.embedding_bags[n].weight and rows.stop == rows.param.shape[0]
     assert torch.allclose(native(batch), backed(batch), atol=1e-6)
 
 

@@ -85,25 +85,28 @@ def test_meda_redraws_embeddings_and_keeps_the_network(dataset, reset: bool) -> 
     original = trainer._reinitialise
 
     def spy(epoch: int) -> None:
-        emb = trainer.model.embedding.categorical
+        emb = trainer.model.embedding
         net = trainer.model.mlp[0].weight
-        seen["before"] = {k: v.detach().clone() for k, v in emb.items()}
+        rows = {n: slice(*emb.spans[n]) for n in ("c0", "c1", "c2")}
+        seen["before"] = {n: emb.table[r].detach().clone() for n, r in rows.items()}
+        seen["moments"] = {n: trainer.optimizer.state[emb.table]["exp_avg"][r].clone() for n, r in rows.items()}
         seen["net"] = net.detach().clone()
         original(epoch)
-        seen["after"] = {k: v.detach().clone() for k, v in emb.items()}
+        seen["after"] = {n: emb.table[r].detach().clone() for n, r in rows.items()}
+        seen["moments_after"] = {n: trainer.optimizer.state[emb.table]["exp_avg"][r].clone() for n, r in rows.items()}
         seen["net_after"] = net.detach().clone()
-        seen["state"] = {k: p in trainer.optimizer.state for k, p in emb.items()}
         seen["net_state"] = net in trainer.optimizer.state
 
     trainer._reinitialise = spy  # type: ignore[method-assign]
     trainer.fit()
-    before, after = seen["before"], seen["after"]
-    for name in ("c0", "c1"):  # 60 and 40 ids > 30: redrawn from N(0, 1e-4^2)
+    before, after, moments, moments_after = seen["before"], seen["after"], seen["moments"], seen["moments_after"]
+    for name in ("c0", "c1"):  # 60 and 40 ids > 30: exactly these rows redrawn from N(0, 1e-4^2)
         assert not torch.equal(before[name], after[name])
         assert after[name].std().item() == pytest.approx(1e-4, rel=0.25)
-        assert seen["state"][name] is (not reset)
-    assert torch.equal(before["c2"], after["c2"])  # 12 ids: kept
-    assert seen["state"]["c2"] is True
+        assert moments[name].abs().sum() > 0
+        assert torch.equal(moments_after[name], torch.zeros_like(moments[name]) if reset else moments[name])
+    assert torch.equal(before["c2"], after["c2"])  # 12 ids: kept, with their optimiser state
+    assert torch.equal(moments["c2"], moments_after["c2"])
     assert torch.equal(seen["net"], seen["net_after"])
     assert seen["net_state"] is True
 
@@ -142,11 +145,11 @@ def test_continual_groups_start_independent_and_share_the_network(dataset) -> No
     trainer = Trainer(learnable_dataset(rows=1000, days=2), TrainConfig(mode="meda-continual", epochs=3, **FAST))
     g = trainer.groups
     assert len(g) == 3
-    tables = [g.layers(i)[0].categorical["c0"] for i in range(3)]
+    tables = [g.layers(i)[0].field_rows("c0") for i in range(3)]
     assert not torch.equal(tables[0], tables[1]) and not torch.equal(tables[1], tables[2])
     net = copy.copy(trainer.model.network_parameters())
     g.activate(2)
-    assert trainer.model.embedding.categorical["c0"] is tables[2]
+    assert trainer.model.embedding.table is g.layers(2)[0].table
     assert trainer.model.network_parameters() == net
 
 

@@ -2,9 +2,11 @@
 
 One :class:`FeatureEmbedding` turns a batch into one vector per field:
 
-- categorical field: a row of its own table ``[vocab_size, dim]``;
+- categorical field: a row of its table ``[vocab_size, dim]``;
 - numeric field: a learned vector ``[dim]`` scaled by the row's value;
 - sequence field: the mean of its ids' rows (padding id 0 excluded).
+
+Every field's table is a block of rows of one concatenated parameter, looked up once per batch.
 
 MEDA re-initialises these tables every epoch, so the layer knows its init
 distribution and can redraw any subset of its fields from a given generator
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -61,8 +64,27 @@ class EmbeddingInit:
                 tensor.copy_(target)
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``[start, stop)`` of an embedding parameter ``[rows, dim]``: one field's table inside the
+    concatenated table (what :meth:`FeatureEmbedding.reinitialise` redrew, for the optimiser reset)."""
+
+    param: nn.Parameter
+    start: int
+    stop: int
+
+
 class FeatureEmbedding(nn.Module):
-    """Per-field embeddings for every field of a :class:`FeatureMap`.
+    """Every field of a :class:`FeatureMap` embedded by one lookup.
+
+    The tables of all categorical and sequence fields are stacked into one parameter
+    ``table`` ``[sum of vocab sizes, dim]`` (field ``f`` owns rows ``spans[f]``), and each
+    field's ids are shifted by its first row, so a batch is one ``F.embedding`` call and one
+    backward, whatever the number of fields. Numeric fields share one parameter ``numeric``
+    ``[n_numeric * dim]`` (elements ``[i*dim, (i+1)*dim)``: the vector of numeric field ``i``).
+    The initial draw and :meth:`reinitialise` fill exactly a field's rows, table by table, in the
+    order of the former per-field tables, so the same seed gives the same tables as one table per
+    field (and the same training, bit for bit on CPU, tested for meda with Adam and Adagrad).
 
     Args:
         feature_map: the fields to embed.
@@ -87,15 +109,24 @@ class FeatureEmbedding(nn.Module):
         self.dim = dim
         self.init = init or EmbeddingInit()
         self.vocab_sizes = {f.name: f.vocab_size for f in feature_map.fields if f.kind != "numeric"}
-        # ParameterDict sorts its keys: the field order of the output is kept here
         self.field_order = {kind: [f.name for f in feature_map.fields if f.kind == kind]
                             for kind in ("categorical", "numeric", "sequence")}  # fmt: skip
-        self.categorical = _tables({f.name: (f.vocab_size, dim) for f in feature_map.categorical})
-        self.numeric = _tables({f.name: (dim,) for f in feature_map.numeric})
-        self.sequence = _tables({f.name: (f.vocab_size, dim) for f in feature_map.sequence})
-        self.num_fields = len(self.categorical) + len(self.numeric) + len(self.sequence)
-        for p in self.parameters():
-            self.init.fill_(p, generator)
+        self.num_fields = len(feature_map.fields)
+        ids = [*self.field_order["categorical"], *self.field_order["sequence"]]
+        starts = np.cumsum([0] + [self.vocab_sizes[n] for n in ids]).tolist()
+        self.spans = {n: (starts[i], starts[i + 1]) for i, n in enumerate(ids)}  # rows of each field in `table`
+        offsets = {kind: torch.tensor([self.spans[n][0] for n in self.field_order[kind]], dtype=torch.int64)
+                   for kind in ("categorical", "sequence")}  # fmt: skip
+        self.register_buffer("categorical_offsets", offsets["categorical"], persistent=False)
+        self.register_buffer("sequence_offsets", offsets["sequence"], persistent=False)
+        self.table = nn.Parameter(torch.empty(starts[-1], dim)) if ids else None
+        # flat [n_numeric * dim]: dense weights, not a table (AdamAR's row decay acts on 2-D tables only)
+        n_num = len(self.field_order["numeric"])
+        self.numeric = nn.Parameter(torch.empty(n_num * dim)) if n_num else None
+        # the draw order of the former per-field tables (sorted names per kind): same seed, same tables
+        for kind in ("categorical", "numeric", "sequence"):
+            for name in sorted(self.field_order[kind]):
+                self.init.fill_(self.field_rows(name), generator)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embed a batch.
@@ -107,51 +138,55 @@ class FeatureEmbedding(nn.Module):
         Returns:
             ``[B, num_fields, dim]``.
         """
+        n_cat, n_seq = len(self.field_order["categorical"]), len(self.field_order["sequence"])
+        ids: list[torch.Tensor] = []
+        if n_cat:
+            ids.append(batch["categorical"] + self.categorical_offsets)  # [B, n_cat] rows of `table`
+        if n_seq:
+            seq = batch["sequence"]  # [B, n_seq, L]
+            ids.append((seq + self.sequence_offsets.unsqueeze(1)).flatten(start_dim=1))
+        rows = F.embedding(torch.cat(ids, dim=1) if len(ids) > 1 else ids[0], self.table) if ids else None
         parts: list[torch.Tensor] = []
-        if self.categorical:
-            ids = batch["categorical"]
-            names = self.field_order["categorical"]
-            parts += [F.embedding(ids[:, i], self.categorical[n]) for i, n in enumerate(names)]
-        if self.numeric:
-            values = batch["numeric"]
-            names = self.field_order["numeric"]
-            parts += [values[:, i : i + 1] * self.numeric[n] for i, n in enumerate(names)]
-        if self.sequence:
-            seq = batch["sequence"]
-            for i, name in enumerate(self.field_order["sequence"]):
-                table, ids = self.sequence[name], seq[:, i, :]
-                mask = (ids != PAD_INDEX).unsqueeze(-1).to(table.dtype)  # [B, L, 1]
-                summed = (F.embedding(ids, table) * mask).sum(dim=1)
-                parts.append(summed / mask.sum(dim=1).clamp(min=1.0))
-        return torch.stack(parts, dim=1)
+        if n_cat:
+            parts.append(rows[:, :n_cat])  # [B, n_cat, D]
+        if self.numeric is not None:
+            parts.append(batch["numeric"].unsqueeze(-1) * self.numeric.view(-1, self.dim))  # [B, n_num, D]
+        if n_seq:
+            looked = rows[:, n_cat:].unflatten(1, (n_seq, seq.shape[2]))  # [B, n_seq, L, D]
+            mask = (seq != PAD_INDEX).unsqueeze(-1).to(looked.dtype)  # [B, n_seq, L, 1]
+            parts.append((looked * mask).sum(dim=2) / mask.sum(dim=2).clamp(min=1.0))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def field_rows(self, name: str) -> torch.Tensor:
+        """The rows of field ``name``: its table ``[vocab_size, dim]`` (a view into ``table``), or for a
+        numeric field its vector ``[dim]`` (a view into ``numeric``)."""
+        if name in self.spans:
+            start, stop = self.spans[name]
+            return self.table[start:stop]
+        if name in self.field_order["numeric"]:
+            i = self.field_order["numeric"].index(name)
+            return self.numeric[i * self.dim : (i + 1) * self.dim]
+        raise KeyError(f"no field {name!r}; fields: {sorted([*self.spans, *self.field_order['numeric']])}")
 
     def table_names(self, min_cardinality: int = 0) -> list[str]:
         """Names of categorical/sequence fields whose vocabulary is larger than ``min_cardinality``."""
         return [name for name, size in self.vocab_sizes.items() if size > min_cardinality]
 
-    def reinitialise(
-        self, fields: Iterable[str] | None = None, generator: torch.Generator | None = None
-    ) -> list[nn.Parameter]:
+    def reinitialise(self, fields: Iterable[str] | None = None, generator: torch.Generator | None = None) -> list[Rows]:
         """Redraw embedding tables from the init distribution (MEDA's per-epoch reset).
 
         Args:
-            fields: categorical/sequence field names to redraw; None = every table
-                (numeric vectors are never redrawn: they act as dense weights).
+            fields: categorical/sequence field names to redraw, drawn in this order; None = every
+                table (numeric vectors are never redrawn: they act as dense weights).
             generator: source of the fresh draw (seed it per epoch).
 
         Returns:
-            the parameters that were redrawn (so their optimiser state can be reset).
+            the rows that were redrawn, one :class:`Rows` per field (so their optimiser state can be reset).
         """
         names = list(self.vocab_sizes) if fields is None else list(fields)
-        tables = {**self.categorical, **self.sequence}
-        unknown = [n for n in names if n not in tables]
+        unknown = [n for n in names if n not in self.spans]
         if unknown:
-            raise KeyError(f"no embedding table for field(s) {unknown}; tables: {sorted(tables)}")
-        redrawn = [tables[n] for n in names]
-        for p in redrawn:
-            self.init.fill_(p, generator)
-        return redrawn
-
-
-def _tables(shapes: dict[str, tuple[int, ...]]) -> nn.ParameterDict:
-    return nn.ParameterDict({name: nn.Parameter(torch.empty(shape)) for name, shape in shapes.items()})
+            raise KeyError(f"no embedding table for field(s) {unknown}; tables: {sorted(self.spans)}")
+        for name in names:
+            self.init.fill_(self.field_rows(name), generator)
+        return [Rows(self.table, *self.spans[n]) for n in names]

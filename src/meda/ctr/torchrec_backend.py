@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
-from meda.ctr.embedding import EmbeddingInit, FeatureEmbedding
+from meda.ctr.embedding import EmbeddingInit, FeatureEmbedding, Rows
 from meda.ctr.features import PAD_INDEX, FeatureMap
 from meda.ctr.models import CTRModel
 
@@ -59,18 +58,18 @@ class TorchrecEmbedding(FeatureEmbedding):
         with torch.random.fork_rng(devices=[]):  # the parent's own draw must not move the global RNG
             super().__init__(feature_map, layer.dim, EmbeddingInit(layer.init.kind, layer.init.std))
         self.numeric = layer.numeric
-        tables = {**layer.categorical, **layer.sequence}
+        self.table = None  # the bags hold the tables
+        tables = {n: layer.field_rows(n) for n in layer.spans}
         pooled = [(n, PoolingType.SUM) for n in self.field_order["categorical"]]
         pooled += [(n, PoolingType.MEAN) for n in self.field_order["sequence"]]
         self.bag_order = [n for n, _ in pooled]
         configs = [EmbeddingBagConfig(name=n, embedding_dim=layer.dim, num_embeddings=self.vocab_sizes[n],
                                       feature_names=[n], pooling=pool) for n, pool in pooled]  # fmt: skip
-        device = next(iter(tables.values())).device if tables else torch.device("cpu")
+        device = layer.table.device if layer.table is not None else torch.device("cpu")
         self.bags = EmbeddingBagCollection(tables=configs, device=device)
         with torch.no_grad():
             for n in self.bag_order:
                 self.bags.embedding_bags[n].weight.copy_(tables[n])
-        self.categorical, self.sequence = nn.ParameterDict(), nn.ParameterDict()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embed a batch (same keys and shapes as :meth:`FeatureEmbedding.forward`); ``[B, F, D]``."""
@@ -90,16 +89,21 @@ class TorchrecEmbedding(FeatureEmbedding):
                 lengths.append(keep.sum(dim=1))
             kjt = KeyedJaggedTensor(keys=self.bag_order, values=torch.cat(values), lengths=torch.cat(lengths))
             parts.update(self.bags(kjt).to_dict())
-        if self.field_order["numeric"]:
-            values = batch["numeric"]
-            for i, n in enumerate(self.field_order["numeric"]):
-                parts[n] = values[:, i : i + 1] * self.numeric[n]
+        if self.numeric is not None:
+            numeric = batch["numeric"].unsqueeze(-1) * self.numeric.view(-1, self.dim)  # [B, n_num, D]
+            parts.update({n: numeric[:, i] for i, n in enumerate(self.field_order["numeric"])})
         order = [n for kind in ("categorical", "numeric", "sequence") for n in self.field_order[kind]]
         return torch.stack([parts[n] for n in order], dim=1)
 
+    def field_rows(self, name: str) -> torch.Tensor:
+        """Field ``name``'s table (its bag's weight ``[vocab_size, dim]``) or numeric vector ``[dim]``."""
+        if name in getattr(self, "bag_order", ()):  # not yet set while the parent class draws its own tables
+            return self.bags.embedding_bags[name].weight
+        return super().field_rows(name)
+
     def reinitialise(
         self, fields: Iterable[str] | None = None, generator: torch.Generator | None = None
-    ) -> list[nn.Parameter]:
+    ) -> list[Rows]:
         """MEDA's redraw of the named bag tables (all of them for None), in the native layer's order."""
         names = list(self.vocab_sizes) if fields is None else list(fields)
         unknown = [n for n in names if n not in self.bag_order]
@@ -108,7 +112,7 @@ class TorchrecEmbedding(FeatureEmbedding):
         redrawn = [self.bags.embedding_bags[n].weight for n in names]
         for p in redrawn:
             self.init.fill_(p, generator)
-        return redrawn
+        return [Rows(p, 0, p.shape[0]) for p in redrawn]
 
 
 def use_torchrec(model: CTRModel) -> CTRModel:
