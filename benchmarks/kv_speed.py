@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from meda.kv.bench import SpeedCase, speed_cases
 # MEDA's statistics over all 32k-128k prompt queries are O(N^2) in PyTorch; the benchmark samples
 # 2,048 queries (documented in docs/kv.md), the setting of the issue's measurements.
 OPTIONS = {"score_queries": 2048, "entropy_queries": 2048}
+EXTRA_KINDS = ("device", "attention", "profile")  # rows that are not a measured case
+FAST = ("static", "compiled")  # the fast decode paths
 
 
 def _c(preset: str, tokens: int, batch: int, method: str, budget: float, decode: str) -> SpeedCase:
@@ -68,14 +71,36 @@ def core_plan() -> list[SpeedCase]:
     return plan
 
 
+def decode_plan() -> list[SpeedCase]:
+    """The decode-overhead run: stock and uncompiled static beside the compiled step for every method at
+    5% and 20% (32k, batch 1), then the compiled step at 128k and at batch 8."""
+    q, k32, k128 = "qwen2-7b", 32768, 131072
+    plan = [_c(q, k32, 1, "full", 1.0, "stock"), _c(q, k32, 1, "full", 1.0, "static")]
+    plan += [_c(q, k32, 1, "snapkv", 0.05, "static"), _c(q, k32, 1, "full", 1.0, "compiled")]
+    plan += [_c(q, k32, 1, m, b, "compiled") for m in ("snapkv", "pyramidkv", "adakv", "meda") for b in (0.05, 0.2)]
+    plan += [_c(q, k32, 8, "full", 1.0, "compiled"), _c(q, k32, 8, "snapkv", 0.05, "compiled")]
+    plan += [_c(q, k128, 1, "full", 1.0, "compiled"), _c(q, k128, 1, "snapkv", 0.05, "compiled")]
+    plan += [_c(q, k32, 8, "full", 1.0, "stock"), _c(q, k128, 1, "full", 1.0, "stock")]
+    return plan
+
+
 def matrix_plan() -> list[SpeedCase]:
     methods = ["stock", "full", "snapkv", "pyramidkv", "meda"]
-    text = speed_cases(["qwen2-7b"], [32768, 131072], [1, 8], methods, [0.05, 0.1, 0.2], ["stock", "dynamic", "static"])
-    vl = speed_cases(["qwen2-vl-7b"], [32768, 131072], [1], methods, [0.05, 0.1, 0.2], ["stock", "dynamic", "static"])
+    decodes = ["stock", "dynamic", "static", "compiled"]
+    text = speed_cases(["qwen2-7b"], [32768, 131072], [1, 8], methods, [0.05, 0.1, 0.2], decodes)
+    vl = speed_cases(["qwen2-vl-7b"], [32768, 131072], [1], methods, [0.05, 0.1, 0.2], decodes)
     return text + vl
 
 
-PLANS = {"core": core_plan, "matrix": matrix_plan}
+PLANS = {"core": core_plan, "decode": decode_plan, "matrix": matrix_plan}
+# (method, budget, decode, captured) of the steps --profile looks at (Qwen2-7B shape, batch 1, --profile-tokens)
+PROFILES = [
+    ("full", 1.0, "static", True),
+    ("full", 1.0, "compiled", True),
+    ("snapkv", 0.05, "static", False),
+    ("snapkv", 0.05, "static", True),
+    ("snapkv", 0.05, "compiled", True),
+]
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -88,23 +113,64 @@ def measure(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.resume and out.exists():
-        done = {r["key"] for r in _read([out]) if "error" not in r and r.get("kind") != "device"}
+        done = {r["key"] for r in _read([out]) if "error" not in r and r.get("kind") not in EXTRA_KINDS}
         skipped = [c.key for c in cases if c.key in done]
         cases = [c for c in cases if c.key not in done]
         print(f"resume: {len(skipped)} case(s) already in {out}, {len(cases)} to run", flush=True)
-    rows = []
+    rows, models = [], {}
     with out.open("a") as f:
-        for row in run_speed(cases, decode_tokens=args.decode_tokens, image_side=args.image_side, options=OPTIONS):
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            print(json.dumps(_brief(row)), flush=True)
+        for row in _extras(args):
+            _write(f, row)
+        if args.profile:  # before the cases, on the model they reuse (its compiled step too)
+            from meda.kv.tiny import build_shaped
+
+            models["qwen2-7b"] = build_shaped("qwen2-7b", device="cuda").model
+            for row in _profiles(args, models["qwen2-7b"]):
+                _write(f, row)
+        speed = run_speed(
+            cases, decode_tokens=args.decode_tokens, image_side=args.image_side, options=OPTIONS, models=models
+        )
+        for row in speed:
+            rows += _write(f, row)
     print_rows(rows)
+
+
+def _write(f, row: dict) -> list[dict]:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    print(json.dumps(_brief(row)), flush=True)
+    return [row]
+
+
+def _extras(args: argparse.Namespace) -> list[dict]:
+    """Rows measured before the cases: the static attention's split-K microbenchmark (``--attention``)."""
+    from meda.kv.bench import attention_micro
+
+    if not args.attention:
+        return []
+    try:
+        return attention_micro([2048, 32768, 131072], batch=1) + attention_micro([32768], batch=8)
+    except Exception as err:  # a microbenchmark must not cost the run its cases
+        return [{"kind": "attention", "error": f"{type(err).__name__}: {err}"}]
+
+
+def _profiles(args: argparse.Namespace, model):
+    """One profiled decode step per entry of PROFILES."""
+    from meda.kv.bench import profile_step, prompt_for
+
+    inputs = prompt_for(model, args.profile_tokens, 1, args.image_side)
+    for method, budget, decode, graph in PROFILES:
+        try:
+            yield profile_step(model, inputs, method, budget, decode, use_graph=graph, options=OPTIONS)
+        except Exception as err:
+            yield {"kind": "profile", "method": method, "decode": decode, "error": f"{type(err).__name__}: {err}"}
 
 
 def _brief(row: dict) -> dict:
     keys = ("key", "prefill_s", "decode_ms_per_token", "replay_ms", "floor_ms", "ratio_to_floor", "error")
-    if row.get("kind") == "device":
+    if row.get("kind") == "profile":
+        return {**{k: v for k, v in row.items() if k != "by_name"}, "top": row.get("by_name", [])[:12]}
+    if row.get("kind") in ("device", "attention"):
         return row
     return {k: (round(row[k], 3) if isinstance(row.get(k), float) else row.get(k)) for k in keys if k in row}
 
@@ -120,13 +186,13 @@ def report(paths: list[Path], md: Path, png: Path | None) -> None:
     """Markdown table (one row per case, latest measurement wins) and, optionally, the PNG."""
     rows = _read(paths)  # each row remembers its file: runs before and after a code change stay apart
     devices = [r for r in rows if r.get("kind") == "device"]
-    runs = {r["key"]: r for r in rows if r.get("kind") != "device" and "error" not in r}
-    errors = {r["key"]: r["error"] for r in rows if "error" in r and r["key"] not in runs}
+    runs = {r["key"]: r for r in rows if r.get("kind") not in EXTRA_KINDS and "error" not in r}
+    errors = {r["key"]: r["error"] for r in rows if "error" in r and "key" in r and r["key"] not in runs}
     stock = {(r["preset"], r["tokens"], r["batch"]): r for r in runs.values() if r["decode"] == "stock"}
-    full_static = {
-        (r["preset"], r["tokens"], r["batch"]): r
+    full_fast = {  # the fast path's own full cache, per decode path (static, compiled)
+        (r["preset"], r["tokens"], r["batch"], r["decode"]): r
         for r in runs.values()
-        if r["decode"] == "static" and r["method"] == "full"
+        if r["decode"] in FAST and r["method"] == "full"
     }
     lines = []
     for d in {(d["preset"], d["device"]): d for d in devices}.values():
@@ -138,13 +204,14 @@ def report(paths: list[Path], md: Path, png: Path | None) -> None:
     lines += [
         "",
         "| case | run | prefill s | decode ms/token | GPU ms/step (graph) | floor ms | x floor | vs stock full | "
-        "vs static full | KV held | peak |",
+        "vs own full (same decode path) | KV held | peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in runs.items():
         group = (r["preset"], r["tokens"], r["batch"])
         vs_stock = stock[group]["decode_ms_per_token"] / r["decode_ms_per_token"] if group in stock else None
-        vs_full = full_static[group]["decode_ms_per_token"] / r["decode_ms_per_token"] if group in full_static else None
+        fast = full_fast.get((*group, r["decode"]))
+        vs_full = fast["decode_ms_per_token"] / r["decode_ms_per_token"] if fast is not None else None
         lines.append(
             f"| {key} | {r['run']} | {r['prefill_s']:.2f} | {r['decode_ms_per_token']:.2f} | "
             f"{_num(r.get('replay_ms'))} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
@@ -153,11 +220,62 @@ def report(paths: list[Path], md: Path, png: Path | None) -> None:
         )
     for key, err in errors.items():
         lines.append(f"| {key} | {err} |  |  |  |  |  |  |  |  |  |")
+    lines += _profile_lines([r for r in rows if r.get("kind") == "profile" and "error" not in r])
+    lines += _attention_lines([r for r in rows if r.get("kind") == "attention" and "error" not in r])
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
     print(md.read_text())
     if png is not None:
         _plot(list(runs.values()), png)
+
+
+# kernel classes of a profiled step, by kernel name (first match wins)
+KERNEL_CLASSES = (
+    ("matrix products (cuBLAS: weights, scores, values)", re.compile(r"nvjet|gemm|gemv|cutlass|splitKreduce", re.I)),
+    ("softmax", re.compile(r"softmax", re.I)),
+    ("everything else (elementwise, casts, copies, norms' reductions, cache writes)", re.compile(r".")),
+)
+
+
+def _profile_lines(profiles: list[dict]) -> list[str]:
+    """Per profiled step: kernels, busy and span, time by kernel class, and the longest kernels by name."""
+    lines = []
+    for p in profiles:
+        step = f"{p['method']} {p['budget']:g}, decode={p['decode']}, {'graph replay' if p['graph'] else 'uncaptured'}"
+        lines += [
+            "",
+            f"### Profiled step: {step} ({p['run']})",
+            "",
+            f"{p['kernels']} kernels ({p['kernels_per_layer']:.1f} per layer of {p['layers']}), GPU busy "
+            f"{p['busy_us'] / 1000:.2f} ms, first to last kernel {p['span_us'] / 1000:.2f} ms (the window also holds "
+            "generate's own token selection between two steps)",
+            "",
+            "| kernel class | kernels | GPU ms | share of busy |",
+            "|---|---|---|---|",
+        ]
+        totals: dict[str, list[float]] = {name: [0, 0.0] for name, _ in KERNEL_CLASSES}
+        for k in p["by_name"]:
+            name = next(n for n, pattern in KERNEL_CLASSES if pattern.search(k["name"]))
+            totals[name][0] += k["count"]
+            totals[name][1] += k["total_us"]
+        for name, (count, us) in totals.items():
+            lines.append(f"| {name} | {count} | {us / 1000:.2f} | {us / p['busy_us']:.0%} |")
+        lines += ["", "| kernel (longest 15 by total time) | count | total us | us each |", "|---|---|---|---|"]
+        for k in p["by_name"][:15]:
+            each = k["total_us"] / k["count"]
+            lines.append(f"| `{k['name'][:90]}` | {k['count']} | {k['total_us']:.0f} | {each:.1f} |")
+    return lines
+
+
+def _attention_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "### Static decode attention, one layer (eager calls in a loop: below ~200 us the host's dispatch "
+             "is what is timed)", "", "| slots | batch | split | us per call | max abs diff to split=None |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['slots']} | {r['batch']} | {r['split']} | {r['us']:.0f} | {r['max_abs_diff']:.1e} |")
+    return lines
 
 
 def _num(v, suffix: str = "") -> str:
@@ -176,12 +294,12 @@ def _plot(runs: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
     for ax, group in zip(axes[0], groups, strict=True):
         rs = [r for r in runs if (r["preset"], r["tokens"], r["batch"]) == group]
-        for method, run in sorted({(r["method"], r["run"]) for r in rs if r["decode"] == "static"}):
-            mine = [r for r in rs if r["method"] == method and r["run"] == run and r["decode"] == "static"]
+        for method, run, decode in sorted({(r["method"], r["run"], r["decode"]) for r in rs if r["decode"] in FAST}):
+            mine = [r for r in rs if (r["method"], r["run"], r["decode"]) == (method, run, decode)]
             pts = sorted((r["budget"], r["decode_ms_per_token"]) for r in mine)
-            style = dict(marker="o", color=colors[method], ls=styles[run])
-            ax.plot(*zip(*pts, strict=True), **style, label=f"{method} (static, {run})")
-        floor = sorted({(r["budget"], r["floor_ms"]) for r in rs if r["decode"] == "static"})
+            style = dict(marker="o" if decode == "static" else "s", color=colors[method], ls=styles[run])
+            ax.plot(*zip(*pts, strict=True), **style, label=f"{method} ({decode}, {run})")
+        floor = sorted({(r["budget"], r["floor_ms"]) for r in rs if r["decode"] in FAST})
         if floor:
             ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="bandwidth floor")
         for r in rs:
@@ -214,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="skip cases already measured in --out")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per case")
     p.add_argument("--image-side", type=int, default=128, help="image grid side (patches) of the VL prompt")
+    p.add_argument("--profile", action="store_true", help="after the cases, profile the decode steps of PROFILES")
+    p.add_argument("--profile-tokens", type=int, default=32768, help="prompt tokens of the profiled steps")
+    p.add_argument("--attention", action="store_true", help="first, time the static attention with/without split-K")
     p.add_argument("--list", action="store_true", help="print the plan's case keys and exit")
     p.add_argument("--report", nargs="+", type=Path, help="JSON-lines files to tabulate (no GPU needed)")
     p.add_argument("--md", type=Path, default=Path("docs/results/kv_speed_h200.md"), help="markdown table out")

@@ -52,3 +52,15 @@ def test_graph_decode_equals_uncaptured_static_bf16_and_sampling() -> None:
         graph, counts_graph, _ = _generate(t, inputs, "meda", 0.3, "static", **kw)
         assert counts_eager["graph"] == 0 and counts_graph["graph"] > 0
         assert torch.equal(eager, graph), kw
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
+def test_compiled_graph_decode_matches_dynamic_float32(family: str) -> None:
+    """decode="compiled": the inductor-compiled step, captured as a CUDA graph, gives the dynamic path's tokens."""
+    t = _on_cuda(family, torch.float32)
+    inputs = {k: v.to("cuda") for k, v in t.inputs(3).items()}  # left-padded batch
+    ref, _, _ = _generate(t, inputs, "pyramidkv", 0.3, "dynamic", do_sample=False)
+    out, counts, report = _generate(t, inputs, "pyramidkv", 0.3, "compiled", do_sample=False)
+    assert not report.notes, report.notes  # no compile or capture fallback
+    assert torch.equal(out, ref), f"{family}: compiled-graph tokens differ from the dynamic path"
+    assert counts["compiled"] == 2 and counts["captures"] == 1 and counts["graph"] == NEW - 3, counts

@@ -142,6 +142,77 @@ def test_chunked_prefill_then_static_decode_matches_dynamic() -> None:
     assert torch.equal(out, ref) and counts["eager"] == NEW - 1
 
 
+# ---- decode="compiled": the step compiled by torch.compile before capture ------------------------------
+def generate_compiled(t, inputs, method: str, budget, backend: str, new: int = NEW, **kw):
+    """Like :func:`generate` with decode="compiled", compiled with ``backend`` ("eager": dynamo's trace only)."""
+    kw.setdefault("do_sample", False)
+    with torch.inference_mode(), compress(t.model, method, budget, decode="compiled", decode_room=8) as report:
+        decoder = session_of(t.model).decoder
+        decoder.compile_backend = backend
+        out = t.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kw)
+    return out, dict(decoder.counts), report
+
+
+def assert_compiled_matches(t, inputs, method: str, budget, backend: str = "eager") -> None:
+    import torch._dynamo.utils
+
+    torch._dynamo.utils.counters.clear()
+    ref, _, _ = generate(t, inputs, method, budget, "dynamic")
+    out, counts, report = generate_compiled(t, inputs, method, budget, backend)
+    assert torch.equal(out, ref), f"{t.family}/{method}: compiled static tokens differ from dynamic"
+    assert counts["compiled"] == NEW - 1 and not report.notes, (counts, report.notes)
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, f"{t.family}: the compiled decode step has graph breaks: {list(breaks)[:2]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gemma2", "gemma3_text", "gemma3", "cohere2")])
+def test_compiled_step_traces_whole_and_matches_dynamic_every_family(family: str) -> None:
+    """Dynamo traces the static step of every family without a graph break (sliding-window families keep
+    dynamic layers and run uncompiled) and gives the dynamic tokens on a left-padded batch."""
+    t = tiny(family)
+    assert_compiled_matches(t, t.inputs(3), "adakv", 0.3)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl"])
+def test_compiled_step_matches_dynamic(family: str) -> None:
+    t = tiny(family)
+    assert_compiled_matches(t, t.inputs(3), "pyramidkv", 0.3)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_inductor_matches_dynamic() -> None:
+    t = tiny("llama")
+    assert_compiled_matches(t, t.inputs(3), "snapkv", 0.3, backend="inductor")
+
+
+def test_one_compiled_step_serves_every_method() -> None:
+    """Dynamic shapes without duck sizing: layers whose slot counts differ (PyramidKV, AdaKV) need no recompile."""
+    import torch._dynamo.utils
+    from torch.fx.experimental import _config
+
+    assert hasattr(_config, "use_duck_shape"), "torch removed use_duck_shape: update meda.kv.fast_decode.distinct_sizes"
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    t = tiny("mistral")
+    for method in ("snapkv", "pyramidkv", "full"):
+        generate_compiled(t, t.inputs(2), method, 1.0 if method == "full" else 0.3, "eager")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_failing_compile_falls_back_to_the_uncompiled_step_and_says_so() -> None:
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    t = tiny("llama")
+    inputs = t.inputs(2)
+    ref, _, _ = generate(t, inputs, "snapkv", 0.3, "dynamic")
+    with pytest.warns(RuntimeWarning, match="torch.compile of the decode step failed"):
+        out, counts, report = generate_compiled(t, inputs, "snapkv", 0.3, broken_backend)
+    assert torch.equal(out, ref) and counts["compiled"] == 0 and counts["eager"] == NEW - 1
+    assert any("uncompiled step" in n for n in report.notes), report.notes
+
+
 # ---- the pieces ----------------------------------------------------------------------------------------
 def _reference_attention(query, keys, values, key_mask, scaling, softcap=None):
     """Plain attention: keys repeated per query head, masked softmax in float64."""
@@ -156,17 +227,30 @@ def _reference_attention(query, keys, values, key_mask, scaling, softcap=None):
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_static_decode_attention_matches_plain_attention(softcap) -> None:
+@pytest.mark.parametrize("split", [None, 8])
+def test_static_decode_attention_matches_plain_attention(softcap, split) -> None:
     g = torch.Generator().manual_seed(0)
-    b, hkv, rep, slots, d = 2, 3, 4, 17, 8
+    b, hkv, rep, slots, d = 2, 3, 4, 16 if split else 17, 8
     query = torch.randn(b, hkv * rep, 1, d, generator=g)
     keys, values = torch.randn(b, hkv, slots, d, generator=g), torch.randn(b, hkv, slots, d, generator=g)
     key_mask = torch.rand(b, hkv, slots, generator=g) > 0.4
     key_mask[..., 0] = True
     bias = torch.zeros(b, hkv, 1, slots).masked_fill(~key_mask[:, :, None, :], -math.inf)
-    out = static_decode_attention(query, keys, values, bias, scaling=0.3, softcap=softcap)
+    out = static_decode_attention(query, keys, values, bias, scaling=0.3, softcap=softcap, split=split)
     ref = _reference_attention(query, keys, values, key_mask, 0.3, softcap)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_split_k_decode_attention_gives_the_dynamic_tokens(monkeypatch) -> None:
+    """With the split-K threshold lowered to the tiny models' buffers, static decoding still matches dynamic."""
+    import meda.kv.attention as attention
+
+    assert attention.split_for(4, attention.SPLIT_FROM_SLOTS) == 1024 and attention.split_for(4, 2048) is None
+    assert attention.split_for(attention.SPLIT_UP_TO_HEADS + 1, 2 * attention.SPLIT_FROM_SLOTS) is None
+    monkeypatch.setattr(attention, "SPLIT_FROM_SLOTS", 64)
+    assert attention.split_for(2, 192) == 64
+    t = tiny("qwen2")
+    assert_static_matches(t, t.inputs(3), "adakv", 0.4)
 
 
 def test_output_template_keeps_no_cache_alive_and_copies_logits() -> None:

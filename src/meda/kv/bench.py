@@ -5,7 +5,8 @@ length, a batch size, a method and budget, and a decode path:
 
 - ``stock``: transformers alone, no session (the baseline every figure is compared with);
 - ``dynamic``: inside ``compress(...)``, transformers' own decode loop over the compressed cache;
-- ``static``: inside ``compress(..., decode="static")``, the fast path (static buffers, CUDA graph).
+- ``static``: inside ``compress(..., decode="static")``, the fast path (static buffers, CUDA graph);
+- ``compiled``: ``decode="compiled"``, the same with the step compiled by ``torch.compile`` before capture.
 
 Per case: prefill seconds (time to the first token: forward, statistics and compression), the median
 decode milliseconds per token of the generate loop (and, for ``static``, the median GPU time of one
@@ -16,6 +17,7 @@ KV pairs) over the device-to-device copy bandwidth measured in the same process.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -34,7 +36,7 @@ from meda.kv.compress import compress
 from meda.kv.report import CompressionReport
 from meda.report import human_bytes, print_table
 
-DECODES = ("stock", "dynamic", "static")
+DECODES = ("stock", "dynamic", "static", "compiled")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,23 @@ class _StepClock(LogitsProcessor):
     def __call__(self, input_ids, scores):
         torch.cuda.synchronize()
         self.times.append(time.perf_counter())
+        return scores
+
+
+class _ProfileWindow(LogitsProcessor):
+    """Starts ``prof`` at generate's ``at_step``-th logits call and stops it at the next one."""
+
+    def __init__(self, prof, at_step: int) -> None:
+        self.prof, self.at_step, self.calls = prof, at_step, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.at_step:
+            torch.cuda.synchronize()
+            self.prof.start()
+        elif self.calls == self.at_step + 1:
+            torch.cuda.synchronize()
+            self.prof.stop()
         return scores
 
 
@@ -203,7 +222,7 @@ def run_case(
     t0 = time.perf_counter()
     decoder = None
     with torch.inference_mode(), session as report:
-        if case.decode == "static":
+        if case.decode in ("static", "compiled"):
             decoder = _decoder_of(model)
             decoder.timing = True
         out = model.generate(
@@ -247,6 +266,94 @@ def run_case(
     return row
 
 
+def profile_step(
+    model,
+    inputs: dict[str, torch.Tensor],
+    method: str,
+    budget: float,
+    decode: str,
+    *,
+    use_graph: bool = True,
+    at_step: int = 6,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The GPU kernels of one decode step (``torch.profiler``, CUDA activity only).
+
+    Profiles the window between two of ``generate``'s logits calls (step ``at_step`` to the next): one
+    forward (a graph replay once captured, or the eager step with ``use_graph=False``) plus the few
+    kernels of generate's own token selection. Returns the kernel count, the summed kernel time, the
+    window's span on the GPU (first kernel start to last kernel end; span - busy = idle gaps between
+    kernels) and the kernels grouped by name, longest total first.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    clock = _ProfileWindow(prof, at_step)
+    opts = {} if method == "full" else dict(options or {})
+    with torch.inference_mode(), compress(model, method, budget, decode=decode, decode_room=at_step + 4, **opts):
+        decoder = _decoder_of(model)
+        decoder.use_graph = use_graph
+        model.generate(
+            **inputs, max_new_tokens=at_step + 2, min_new_tokens=at_step + 2, do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        counts = dict(decoder.counts)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:120], []).append(e.time_range.elapsed_us())
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels) if kernels else 0
+    text = getattr(model.config, "text_config", model.config)
+    return {
+        "kind": "profile",
+        "method": method,
+        "budget": budget,
+        "decode": decode,
+        "graph": use_graph,
+        "decode_counts": counts,
+        "layers": text.num_hidden_layers,
+        "kernels": len(kernels),
+        "kernels_per_layer": len(kernels) / text.num_hidden_layers,
+        "busy_us": sum(e.time_range.elapsed_us() for e in kernels),
+        "span_us": span,
+        "by_name": sorted(
+            ({"name": k, "count": len(v), "total_us": sum(v)} for k, v in by_name.items()),
+            key=lambda r: -r["total_us"],
+        ),
+    }
+
+
+def attention_micro(slots: list[int], *, batch: int = 1, kv_heads: int = 4, group: int = 7, head_dim: int = 128,
+                    splits: tuple[int | None, ...] = (None, 64, 256, 1024), repeats: int = 50) -> list[dict]:
+    """GPU microseconds of one layer's :func:`~meda.kv.attention.static_decode_attention` (bf16) per slot count
+    and ``split``, next to the time its keys and values take at the measured copy bandwidth (CUDA events)."""
+    from meda.kv.attention import static_decode_attention
+
+    rows = []
+    for n in slots:
+        q = torch.randn(batch, kv_heads * group, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(batch, kv_heads, n, head_dim, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        bias = torch.zeros(batch, kv_heads, 1, n, device="cuda", dtype=torch.bfloat16)
+        ref = static_decode_attention(q, k, v, bias, scaling=head_dim**-0.5)
+        for split in splits:
+            if split is not None and n % split:
+                continue
+            fn = functools.partial(static_decode_attention, q, k, v, bias, scaling=head_dim**-0.5, split=split)
+            err = float((fn().float() - ref.float()).abs().max())
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            rows.append({"kind": "attention", "slots": n, "batch": batch, "split": split,
+                         "us": 1000 * start.elapsed_time(end) / repeats, "max_abs_diff": err,
+                         "kv_bytes": 2 * k.numel() * k.element_size()})
+    return rows
+
+
 def _decoder_of(model):
     """The active session's :class:`~meda.kv.fast_decode.StaticDecoder` (to time its replays)."""
     for module in model.modules():
@@ -262,8 +369,10 @@ def run_speed(
     decode_tokens: int = 32,
     image_side: int = 64,
     options: dict[str, Any] | None = None,
+    models: dict[str, torch.nn.Module] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Run ``cases`` in order (one model per preset, built once), yielding each row as it is measured.
+    """Run ``cases`` in order (one model per preset, built once or taken from ``models``), yielding each row
+    as it is measured (a compiled decode step is reused across cases of one model).
 
     The first row of each preset is a ``{"kind": "device", ...}`` record: device, versions, copy
     bandwidth and weight bytes, measured in this process.
@@ -276,8 +385,7 @@ def run_speed(
 
     bandwidth = copy_bandwidth()
     for preset in dict.fromkeys(c.preset for c in cases):
-        tiny = build_shaped(preset, device="cuda")
-        model = tiny.model
+        model = (models or {}).get(preset) or build_shaped(preset, device="cuda").model
         weights = decode_weight_bytes(model)
         yield {
             "kind": "device",
@@ -304,7 +412,7 @@ def run_speed(
                 )
             except Exception as err:  # one failed case (out of memory, say) must not end the run
                 yield {**asdict(case), "key": case.key, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-        del model, tiny, prompts
+        del model, prompts
         gc.collect()
         torch.cuda.empty_cache()
 

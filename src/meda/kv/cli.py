@@ -69,8 +69,8 @@ def run(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     decode: str = typer.Option(
         "dynamic",
-        help="dynamic (transformers' decode loop) or static (fast path: static buffers, CUDA graph on GPU; "
-        "same tokens).",
+        help="dynamic (transformers' decode loop), static (fast path: static buffers, CUDA graph on GPU; "
+        "same tokens) or compiled (static with the step compiled by torch.compile first).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -125,7 +125,9 @@ def bench(
     methods: str = typer.Option("stock,full,snapkv,meda", help=f"Comma list: {METHOD_HELP}, or stock (no session)."),
     budgets: str = typer.Option("0.05,0.2", help="Comma list of kept fractions, e.g. 0.05,0.1,0.2."),
     decode: str = typer.Option(
-        "static", help="Comma list of decode paths for the compressed runs: static (fast path) and/or dynamic."
+        "static",
+        help="Comma list of decode paths for the compressed runs: static (fast path), compiled (static with "
+        "torch.compile) and/or dynamic.",
     ),
     decode_tokens: int = typer.Option(32, min=2, help="Tokens decoded per run (median ms/token over them)."),
     image_side: int = typer.Option(64, min=2, help="Image grid side in patches for VL presets (tokens = side^2 / 4)."),

@@ -10,8 +10,17 @@
    static input buffer;
 2. on CUDA, the first such step runs eagerly (on a side stream: the warm-up), then the step is
    captured once in a CUDA graph; every later step copies its inputs and replays the graph
-   (gpt-fast's recipe, without ``torch.compile``);
-3. on the CPU, or when capture fails (a warning says why), the same step runs eagerly.
+   (gpt-fast's recipe);
+3. with ``compile=True`` (``compress(..., decode="compiled")``) the step is first compiled with
+   ``torch.compile`` (inductor fuses the norms, rotary embeddings, activations and residual adds
+   into few kernels) and the *compiled* step is what the graph captures, after two compiled
+   warm-up steps; a compile or capture error falls back to the uncompiled step (a warning and a
+   report note say so);
+4. on the CPU, or when capture fails (a warning says why), the same step runs eagerly (compiled or not).
+
+The step reads no host state: the static layers' counters are kept here (room checked before a step,
+counters advanced after it), and the attention finds its layer through :attr:`StaticDecoder.step_layers`
+(a plain list, which ``torch.compile`` traces without a graph break).
 
 The first such step of a cache prefilled inside the block first moves it into static layers
 (:meth:`meda.kv.session.CompressionSession.prepare_static`): until then prompt chunks may still be
@@ -23,6 +32,7 @@ caches, multi-token steps) goes straight to the model's own ``forward``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import warnings
@@ -63,6 +73,30 @@ def _signature(kwargs: dict[str, Any]) -> tuple | None:
     return tuple(sig)
 
 
+def distinct_sizes():
+    """While compiling the step: every dynamic size gets its own symbol, even where two are equal now.
+
+    By default torch.compile's shape environment gives equal sizes one symbol ("duck sizing") and
+    guards on the equality, so a step compiled over layers of equal slot counts recompiles for
+    every method whose layers differ (PyramidKV, MEDA, AdaKV). The switch is the private
+    ``torch.fx.experimental._config.use_duck_shape`` (this is the one place that touches it;
+    tests/kv/test_static_decode.py fails if it disappears); without it, the step compiles more often.
+    """
+    from torch.fx.experimental import _config
+
+    if not hasattr(_config, "use_duck_shape"):
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False)
+
+
+def _no_recompile(compiled: bool):
+    """While capturing a compiled step: a recompile (which would compile and autotune inside the capture)
+    raises instead."""
+    if compiled and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("fail_on_recompile")
+    return contextlib.nullcontext()
+
+
 class OutputTemplate:
     """The captured step's output without a reference to its cache (a finished generation's cache must be
     freed even while the graph lives); :meth:`fill` builds each step's output around the live cache."""
@@ -86,20 +120,36 @@ class StaticDecoder:
 
     Attributes:
         use_graph: capture and replay CUDA graphs (on CUDA only; False runs every step eagerly).
-        counts: ``{"graph": steps replayed, "eager": static steps run eagerly, "captures": n}``.
-        notes: what the report should say (capture failures, steps that could not be captured).
+        compile: run (and capture) the step compiled by ``torch.compile`` (``compile_backend``, default
+            inductor, in ``compile_mode``; tests trace with the "eager" backend).
+        counts: ``{"graph": steps replayed, "eager": static steps run outside a graph, "compiled": those of
+            them run compiled, "captures": n}``.
+        notes: what the report should say (capture or compile failures, steps that could not be captured).
         timing: record CUDA events around each replay (``replay_ms`` gives their median).
+        step_layers: the cache's static layers while this decoder runs a step, else None.
     """
 
-    def __init__(self, forward: Callable, *, prepare: Callable | None = None, use_graph: bool = True):
+    def __init__(
+        self,
+        forward: Callable,
+        *,
+        prepare: Callable | None = None,
+        use_graph: bool = True,
+        compile: bool = False,
+        compile_mode: str = "default",
+        compile_backend: str | Callable = "inductor",
+    ):
         """``forward``: the model's own; ``prepare(cache, attention_mask) -> bool`` moves a prefilled cache into
         static layers at its first one-token step (the session's :meth:`prepare_static`)."""
         self.forward = forward
         self.prepare = prepare
         self.use_graph = use_graph
-        self.counts = {"graph": 0, "eager": 0, "captures": 0}
+        self.compile, self.compile_mode, self.compile_backend = compile, compile_mode, compile_backend
+        self._compiled: Callable | None = None
+        self.counts = {"graph": 0, "eager": 0, "compiled": 0, "captures": 0}
         self.notes: list[str] = []
         self.timing = False
+        self.step_layers: list[StaticLayer] | None = None
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._drop_graph()
         functools.update_wrapper(self, forward)  # generate inspects forward's signature
@@ -110,6 +160,7 @@ class StaticDecoder:
         self._cache_ref = None
         self._inputs: dict[str, torch.Tensor] = {}
         self._output = None
+        self._warm: tuple[tuple | None, int, int] = (None, 0, 0)  # (signature, id(cache), warm-up steps run)
 
     def __call__(self, *args, **kwargs):
         cache = step_cache(kwargs)
@@ -130,15 +181,18 @@ class StaticDecoder:
         for name in PER_TOKEN_KWARGS:
             if torch.is_tensor(step.get(name)) and step[name].shape[-1] != ids.shape[-1]:
                 step[name] = step[name][..., -ids.shape[-1] :]
+        for layer in layers:
+            layer.self_counting = False  # this decoder keeps the books (the step reads no host state)
         if ensure_room(layers):
             self._drop_graph()  # buffers moved
         sig = _signature(step)
         if self._graph is not None and sig == self._sig and self._cache_ref() is cache:
             return self._replay(step, layers)
-        self._drop_graph()
+        if self._graph is not None:
+            self._drop_graph()
         capture = self._can_capture(ids, sig, step)
-        out = self._eager(step, on_side_stream=capture)
-        if capture:
+        out = self._eager(step, layers, on_side_stream=capture)
+        if capture and self._warmed_up(sig, cache):
             self._capture(step, sig, cache, layers)
         return out
 
@@ -154,31 +208,82 @@ class StaticDecoder:
             return False
         return True
 
-    def _eager(self, step: dict[str, Any], *, on_side_stream: bool):
+    def _warmed_up(self, sig: tuple, cache) -> bool:
+        """Count a warm-up step of this signature and cache; True once enough ran to capture (the compiled
+        step's first two calls may compile twice: static shapes, then dynamic ones)."""
+        last_sig, last_cache, n = self._warm
+        n = n + 1 if (last_sig, last_cache) == (sig, id(cache)) else 1
+        self._warm = (sig, id(cache), n)
+        return n >= (2 if self.compile else 1)
+
+    def _step_fn(self) -> Callable:
+        if not self.compile:
+            return self.forward
+        if self._compiled is None:
+            # dynamic shapes: one compiled step serves every method, budget and prompt length (slot counts)
+            mode = {"mode": self.compile_mode} if self.compile_backend == "inductor" else {}
+            self._compiled = torch.compile(self.forward, backend=self.compile_backend, dynamic=True, **mode)
+        return self._compiled
+
+    def _eager(self, step: dict[str, Any], layers: list[StaticLayer], *, on_side_stream: bool):
+        """One step outside a graph (compiled when asked; a compile error reruns it uncompiled)."""
+        slots = [layer.slot.clone() for layer in layers] if self.compile else None
+        try:
+            out = self._run(self._step_fn(), step, layers, on_side_stream)
+        except Exception as err:
+            if not self.compile:
+                raise
+            for layer, slot in zip(layers, slots, strict=True):  # undo the writes of a partly run step
+                layer.slot.copy_(slot)
+            self._compile_failed("torch.compile of the decode step", err)
+            out = self._run(self.forward, step, layers, on_side_stream)
         self.counts["eager"] += 1
-        if not on_side_stream:
-            return self.forward(**step)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            out = self.forward(**step)
-        torch.cuda.current_stream().wait_stream(side)
+        self.counts["compiled"] += int(self.compile)
+        for layer in layers:
+            layer.advance()
         return out
+
+    def _run(self, fn: Callable, step: dict[str, Any], layers: list[StaticLayer], on_side_stream: bool):
+        self.step_layers = layers
+        try:
+            with distinct_sizes() if fn is self._compiled else contextlib.nullcontext():
+                if not on_side_stream:
+                    return fn(**step)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = fn(**step)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+        finally:
+            self.step_layers = None
+
+    def _compile_failed(self, what: str, err: Exception) -> None:
+        self.compile = False
+        message = f"{what} failed ({type(err).__name__}: {str(err)[:300]}); decoding continues with the "
+        message += "uncompiled step (captured as a CUDA graph where possible; same tokens, slower)"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self._note(message)
 
     def _capture(self, step: dict[str, Any], sig: tuple, cache, layers: list[StaticLayer]) -> None:
         ensure_room(layers)  # the captured step writes one slot; room for it must exist now
         inputs = {k: v.clone() for k, v in step.items() if torch.is_tensor(v)}
         graph = torch.cuda.CUDAGraph()
+        compiled = self.compile
         try:
-            with torch.cuda.graph(graph):
-                output = self.forward(**{**step, **inputs})
-        except Exception as err:  # a host sync or an unsupported op inside the step
+            with _no_recompile(compiled), torch.cuda.graph(graph):
+                output = self._run(self._step_fn(), {**step, **inputs}, layers, on_side_stream=False)
+        except Exception as err:  # a host sync, an unsupported op, or a recompile inside the step
+            torch.cuda.synchronize()
+            if compiled:  # capture the uncompiled step at the next warm-up instead
+                self._compile_failed("CUDA graph capture of the compiled decode step", err)
+                self._drop_graph()
+                return
             self.use_graph = False
             message = f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); decoding "
             message += "continues uncaptured over the static cache (slower, same tokens)"
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             self._note(message)
-            torch.cuda.synchronize()
             return
         self._graph, self._sig, self._cache_ref = graph, sig, weakref.ref(cache)
         self._inputs, self._output = inputs, OutputTemplate.of(output, cache)

@@ -30,7 +30,7 @@ from meda.kv.static_cache import StaticLayer
 from meda.kv.support import attention_softcap, decoder_layers
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-DECODE_MODES = ("dynamic", "static")
+DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static + torch.compile of the step
 _MISSING = object()
 
 
@@ -124,9 +124,10 @@ class CompressionSession:
             setattr(module, SESSION_ATTR, self)
         self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
-        if self.decode == "static":  # generate calls model(...) -> model.forward: the instance attribute wins
+        if self.decode != "dynamic":  # generate calls model(...) -> model.forward: the instance attribute wins
             self._saved_forward = self.model.__dict__.get("forward", _MISSING)
-            self.decoder = StaticDecoder(self.model.forward, prepare=self.prepare_static)
+            compiled = self.decode == "compiled"
+            self.decoder = StaticDecoder(self.model.forward, prepare=self.prepare_static, compile=compiled)
             self.model.forward = self.decoder
 
     def detach(self) -> None:
@@ -232,6 +233,9 @@ class CompressionSession:
 
     def static_layer_for(self, module, key: torch.Tensor) -> StaticLayer | None:
         """The static cache layer whose buffers ``key`` is (a decode step with ``decode="static"``), else None."""
+        step = self.decoder.step_layers if self.decoder is not None else None
+        if step is not None:  # inside the decoder's own step every layer is static (a plain list: compile traces it)
+            return step[module.layer_idx]
         layer = self._cache_layers.get(module.layer_idx)
         return layer if isinstance(layer, StaticLayer) and layer.keys is key else None
 
@@ -292,7 +296,7 @@ class CompressionSession:
     # ---- compression -------------------------------------------------------------------
     def _compress(self, cache) -> None:
         rep = self.report
-        self._static_target = weakref.ref(cache) if self.decode == "static" else None
+        self._static_target = weakref.ref(cache) if self.decode != "dynamic" else None
         rep.kv_bytes_before = cache_bytes(cache)
         rep.compressions += 1
         rep.sliding_layers, rep.sliding_window = list(self.layers.sliding), self.layers.window

@@ -8,8 +8,10 @@ rows and AdaKV's uneven heads need no other mask. The write slot is a device ten
 update advances itself: a decode step allocates nothing and reads nothing back to the host, which
 is what lets :mod:`meda.kv.fast_decode` capture it in a CUDA graph.
 
-Host-side counters (``decoded``, ``logical_length``) move in ``update`` except while a CUDA graph
-is being captured; each replay moves them through :meth:`StaticLayer.advance`.
+Host-side counters (``decoded``, ``logical_length``) and the room check move in ``update`` for a layer
+used on its own; the decoder of :mod:`meda.kv.fast_decode` turns that off (``self_counting = False``)
+and keeps the books itself (:func:`ensure_room` before a step, :meth:`StaticLayer.advance` after it),
+so the step reads no host state: a CUDA graph or ``torch.compile`` sees only device work.
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ from meda.kv.cache import CompressedLayer, tensor_bytes
 SLOT_ALIGN = 64
 
 
-def capturing(t: torch.Tensor) -> bool:
-    """Whether the current CUDA stream is capturing a graph (False for CPU tensors)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 class StaticLayer(CompressedLayer):
     """A cache layer with preallocated buffers: ``stored`` prefill slots plus ``room`` decode slots.
 
@@ -40,6 +37,8 @@ class StaticLayer(CompressedLayer):
         slot: long ``[1]`` on the device, the slot the next decoded token is written to.
         stored: prefill slots; room: decode slots (at least the room asked for, rounded up so that
             ``stored + room`` is a multiple of :data:`SLOT_ALIGN`); decoded: tokens decoded so far.
+        self_counting: ``update`` checks the room and advances the counters itself (True for a layer used
+            on its own; the static decoder sets False and does both around each step).
     """
 
     def __init__(
@@ -63,6 +62,7 @@ class StaticLayer(CompressedLayer):
         self.logical_length = int(logical_length)
         self.is_initialized = True
         self.all_valid = False
+        self.self_counting = True
 
     @property
     def key_mask(self) -> torch.Tensor:
@@ -81,18 +81,18 @@ class StaticLayer(CompressedLayer):
                 "continued prompts, generate(prefill_chunk_size=...) and assisted decoding need "
                 "compress(..., decode='dynamic')"
             )
-        if self.free_slots < 1 and not capturing(key_states):
+        if self.self_counting and self.free_slots < 1:
             self.grow(self.room)
         self.keys.index_copy_(2, self.slot, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, self.slot, value_states.to(self.values.dtype))
         self.key_bias.index_fill_(3, self.slot, 0.0)
         self.slot.add_(1)
-        if not capturing(key_states):
+        if self.self_counting:
             self.advance()
         return self.keys, self.values
 
     def advance(self) -> None:
-        """Host-side bookkeeping of one decoded token (called by ``update``, or after a graph replay)."""
+        """Host-side bookkeeping of one decoded token (called by ``update``, or by the decoder after a step)."""
         self.decoded += 1
         self.logical_length += 1
 
