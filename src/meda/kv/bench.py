@@ -49,11 +49,14 @@ class SpeedCase:
     method: str  # "full" or a compression method; "stock" runs are method "full", decode "stock"
     budget: float
     decode: str
+    chunk: int = 0  # generate(prefill_chunk_size=chunk): the prompt compressed chunk by chunk; 0 = one prefill
 
     @property
     def key(self) -> str:
-        """Stable name, e.g. ``qwen2-7b/32768/b1/snapkv/0.05/static`` (what ``--only`` matches)."""
-        return f"{self.preset}/{self.tokens}/b{self.batch}/{self.method}/{self.budget:g}/{self.decode}"
+        """Stable name, e.g. ``qwen2-7b/32768/b1/snapkv/0.05/static`` (what ``--only`` matches); a chunked
+        prefill adds ``/c<chunk>``."""
+        key = f"{self.preset}/{self.tokens}/b{self.batch}/{self.method}/{self.budget:g}/{self.decode}"
+        return f"{key}/c{self.chunk}" if self.chunk else key
 
 
 def speed_cases(
@@ -232,6 +235,7 @@ def run_case(
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
             return_dict_in_generate=True,
+            **({"prefill_chunk_size": case.chunk} if case.chunk else {}),
         )
         held = torch.cuda.memory_allocated() - base
     steps = [1000 * (b - a) for a, b in zip(clock.times, clock.times[1:], strict=False)]

@@ -1,0 +1,60 @@
+"""meda.kv.bench and benchmarks/kv_speed.py on the CPU: case plans and keys, and the report of measured rows."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from meda.kv.bench import SpeedCase, speed_cases
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _kv_speed():
+    spec = importlib.util.spec_from_file_location("kv_speed", ROOT / "benchmarks" / "kv_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_cases_run_stock_once_and_full_at_budget_one() -> None:
+    cases = speed_cases(["qwen2-7b"], [1024], [1], ["stock", "full", "snapkv"], [0.05, 0.2], ["static", "compiled"])
+    keys = [c.key for c in cases]
+    assert keys == [
+        "qwen2-7b/1024/b1/full/1/stock",
+        "qwen2-7b/1024/b1/full/1/static",
+        "qwen2-7b/1024/b1/full/1/compiled",
+        "qwen2-7b/1024/b1/snapkv/0.05/static",
+        "qwen2-7b/1024/b1/snapkv/0.05/compiled",
+        "qwen2-7b/1024/b1/snapkv/0.2/static",
+        "qwen2-7b/1024/b1/snapkv/0.2/compiled",
+    ]
+    with pytest.raises(ValueError, match="unknown decode"):
+        speed_cases(["qwen2-7b"], [1024], [1], ["full"], [0.1], ["fast"])
+
+
+def test_a_chunked_case_names_its_chunk() -> None:
+    case = SpeedCase("qwen2-7b", 1 << 20, 1, "snapkv", 0.1, "static", chunk=32768)
+    assert case.key == "qwen2-7b/1048576/b1/snapkv/0.1/static/c32768"
+    assert SpeedCase("qwen2-7b", 1024, 1, "snapkv", 0.1, "static").key.endswith("/static")
+
+
+def test_every_plan_has_unique_keys() -> None:
+    kv_speed = _kv_speed()
+    for name, plan in kv_speed.PLANS.items():
+        keys = [c.key for c in plan()]
+        assert len(keys) == len(set(keys)), name
+
+
+def test_report_tabulates_cases_profiles_and_the_attention_microbenchmark(tmp_path) -> None:
+    kv_speed = _kv_speed()
+    runs = [ROOT / "docs/results/kv_speed_h200_run2.jsonl", ROOT / "docs/results/kv_speed_h200_run3.jsonl"]
+    md = tmp_path / "t.md"
+    kv_speed.report(runs, md, None)
+    text = md.read_text()
+    assert "qwen2-7b/32768/b1/snapkv/0.05/static" in text
+    assert "### Profiled step: full 1, decode=static, graph replay" in text
+    assert "| matrix products (cuBLAS: weights, scores, values) | 394 |" in text
+    assert "| 131072 | 1 | 1024 |" in text
