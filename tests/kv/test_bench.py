@@ -58,3 +58,13 @@ def test_report_tabulates_cases_profiles_and_the_attention_microbenchmark(tmp_pa
     assert "### Profiled step: full 1, decode=static, graph replay" in text
     assert "| matrix products (cuBLAS: weights, scores, values) | 394 |" in text
     assert "| 131072 | 1 | 1024 |" in text
+
+
+def test_the_kvpress_runner_says_what_is_missing() -> None:
+    spec = importlib.util.spec_from_file_location("kv_kvpress", ROOT / "benchmarks" / "kv_kvpress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if importlib.util.find_spec("kvpress") is not None:
+        pytest.skip("kvpress is installed here")
+    with pytest.raises(SystemExit, match="kvpress is not importable"):
+        module.presses()
