@@ -330,7 +330,8 @@ def profile_step(
 def attention_micro(slots: list[int], *, batch: int = 1, kv_heads: int = 4, group: int = 7, head_dim: int = 128,
                     splits: tuple[int | None, ...] = (None, 64, 256, 1024), repeats: int = 50) -> list[dict]:
     """GPU microseconds of one layer's :func:`~meda.kv.attention.static_decode_attention` (bf16) per slot count
-    and ``split``, next to the time its keys and values take at the measured copy bandwidth (CUDA events)."""
+    and ``split``: the call captured once in a CUDA graph and replayed ``repeats`` times (CUDA events), so the
+    host's dispatch is not what is timed (it was, in run 3's eager loop)."""
     from meda.kv.attention import static_decode_attention
 
     rows = []
@@ -345,11 +346,19 @@ def attention_micro(slots: list[int], *, batch: int = 1, kv_heads: int = 4, grou
                 continue
             fn = functools.partial(static_decode_attention, q, k, v, bias, scaling=head_dim**-0.5, split=split)
             err = float((fn().float() - ref.float()).abs().max())
-            fn()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):
-                fn()
+                graph.replay()
             end.record()
             torch.cuda.synchronize()
             rows.append({"kind": "attention", "slots": n, "batch": batch, "split": split,
