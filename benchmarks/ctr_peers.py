@@ -13,8 +13,8 @@ peak memory is per run:
 
 Same sizes everywhere: embedding dim 10, MLP 400-400-400, 3 cross layers, Adam 1e-3,
 batch 4096, no regularisation, embeddings N(0, 1e-4^2). Reported per run: training
-samples/s (optimiser steps only, evaluation excluded), peak memory (CPU: max RSS of the
-process; CUDA: max allocated), test AUC / logloss after epoch 1 and at the best
+samples/s (optimiser steps only, evaluation excluded), peak memory (CPU: peak RSS of the
+worker process; CUDA: max allocated), test AUC / logloss after epoch 1 and at the best
 validation epoch.
 
     nice -n 10 .venv/bin/python benchmarks/ctr_peers.py --rows 100000 --epochs 2
@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = {"fuxictr": "fuxictr==2.3.10", "deepctr": "deepctr-torch==0.3.0"}
 PEER_EXTRAS = ["ray[data]"]  # FuxiCTR 2.3.10 imports ray's data loaders
+STAND_INS = ("ray", "polars")  # imported by FuxiCTR at module level, never called by the layers used here
 MODELS = ("dnn", "deepfm", "dcnv2")
 SIZES = {"embedding_dim": 10, "hidden_units": [400, 400, 400], "cross_layers": 3, "lr": 1e-3, "batch_size": 4096}
 
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda.")
     ap.add_argument("--libraries", default="meda,fuxictr,deepctr")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--seeds", default="0", help="Seeds of init and shuffling, e.g. 0,1,2 (the split stays seed 0).")
     ap.add_argument("--work", default="runs/ctr_peers", help="Data, venv and per-run outputs.")
     ap.add_argument("--venv", default=None, help="Peers' venv (default WORK/venv; created when missing).")
     ap.add_argument("--peers-site", default=None,
@@ -62,9 +64,12 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--npz", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(_work(args)), flush=True)
+        if args.worker == "deepctr":  # its import starts a non-daemon thread asking PyPI for a newer version:
+            os._exit(0)  # offline it could hold the exit for minutes
         return
     work = Path(args.work)
     npz = _prepare(work, args.rows)
@@ -79,24 +84,28 @@ def main() -> None:
         old = json.loads(out.read_text())
         if all(old.get(k) == payload[k] for k in ("rows", "epochs", "device", "sizes")):
             payload["runs"] = old["runs"]
-    for lib in libraries:
+    plan = [(seed, model, lib) for seed in _ints(args.seeds) for model in args.models.split(",") for lib in libraries]
+    for seed, model, lib in plan:  # model by model: each comparison completes before the next model starts
         python = sys.executable if lib == "meda" or args.peers_site else str(venv / "bin" / "python")
-        for model in args.models.split(","):
-            cmd = [python, __file__, "--worker", lib, "--model", model, "--npz", str(npz),
-                   "--epochs", str(args.epochs), "--device", args.device]  # fmt: skip
-            path = str(ROOT / "src") if lib == "meda" else args.peers_site
-            env = {**os.environ, "PYTHONPATH": path} if path else None
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-            if done.returncode != 0:
-                raise SystemExit(f"{lib} {model} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+        cmd = [python, __file__, "--worker", lib, "--model", model, "--npz", str(npz),
+               "--epochs", str(args.epochs), "--device", args.device, "--seed", str(seed)]  # fmt: skip
+        path = str(ROOT / "src") if lib == "meda" else args.peers_site
+        env = {**os.environ, "PYTHONPATH": path} if path else None
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        key = (lib, model, seed)
+        payload["failures"] = [f for f in payload.get("failures", []) if _key(f) != key]
+        if done.returncode != 0:  # reported, and the other runs go on
+            print(f"{lib} {model} seed {seed} failed:\n{done.stderr[-3000:]}", flush=True)
+            payload["failures"].append({"library": lib, "model": model, "seed": seed, "error": done.stderr[-3000:]})
+        else:
+            result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
             print(_line(result), flush=True)
-            runs = [r for r in payload["runs"] if (r["library"], r["model"]) != (lib, model)] + [result]
             order = {name: i for i, name in enumerate(["meda", *PEERS])}
-            payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]]))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=1))  # after every run: an interrupted benchmark keeps its runs
-            _write_table(payload, Path(args.doc))
+            runs = [r for r in payload["runs"] if _key(r) != key] + [result]
+            payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]], r["seed"]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1))  # after every run: an interrupted benchmark keeps its runs
+        _write_table(payload, Path(args.doc))
     print(f"wrote {out} and the {args.device} table of {args.doc}")
 
 
@@ -112,7 +121,9 @@ def _prepare(work: Path, rows: int) -> Path:
     if npz.exists():
         return npz
     work.mkdir(parents=True, exist_ok=True)
-    synthetic.write(synthetic.generate("criteo", rows, seed=0), tsv, "criteo", synthetic.schema_for("criteo", "criteo"))
+    if not tsv.exists():  # (ctr_throughput.py --format criteo --work WORK writes the same file)
+        schema = synthetic.schema_for("criteo", "criteo")
+        synthetic.write(synthetic.generate("criteo", rows, seed=0), tsv, "criteo", schema)
     ds = load_dataset(tsv, "criteo", seed=0)
     arrays: dict[str, Any] = {"vocab": np.array([f.vocab_size for f in ds.feature_map.categorical], dtype=np.int64)}
     for split in ("train", "valid", "test"):
@@ -146,17 +157,52 @@ def _line(r: dict[str, Any]) -> str:
             f"epoch-1 AUC {e1['test_auc']:.4f}  best (epoch {best['epoch']}) {best['test_auc']:.4f}")  # fmt: skip
 
 
+def _key(run: dict[str, Any]) -> tuple[str, str, int]:
+    return run["library"], run["model"], run.get("seed", 0)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _mean_spread(values: list[float], digits: int = 4) -> str:
+    """``mean`` of one value, ``mean ± sample std`` of several."""
+    import statistics
+
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
 def _write_table(payload: dict[str, Any], doc: Path) -> None:
+    """The device's table in ``doc`` (between its markers): one row per library and model, mean (± std) over seeds,
+    and the ratio of meda's samples/s to the fastest peer's per model."""
     device = payload["device"]
-    lines = [f"Device {device}, {payload['rows']:,} rows (8:1:1), {payload['epochs']} epochs, torch threads "
-             f"{payload['torch_threads']}.", "",
-             "| library | model | train samples/s | peak memory (MB) | epoch-1 test AUC | epoch-1 logloss "
-             "| best epoch | best test AUC | best logloss |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"Device {device}, {payload['rows']:,} rows (8:1:1), {payload['epochs']} epoch(s), torch threads "
+             f"{payload['torch_threads']}; mean ± std over the seeds listed.", "",
+             "| library | model | seeds | train samples/s | peak memory (MB) | epoch-1 test AUC | epoch-1 logloss "
+             "| best epoch | best test AUC | best logloss |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in payload["runs"]:
-        e1, b = r["epoch1"], r["best"]
-        lines.append(f"| {r['library']} | {r['model']} | {r['samples_per_s']:,.0f} | {r['peak_mb']:.0f} | "
-                     f"{e1['test_auc']:.4f} | {e1['test_logloss']:.4f} | {b['epoch']} | {b['test_auc']:.4f} | "
-                     f"{b['test_logloss']:.4f} |")  # fmt: skip
+        groups.setdefault((r["library"], r["model"]), []).append(r)
+    speed = {k: sum(r["samples_per_s"] for r in rs) / len(rs) for k, rs in groups.items()}
+    for (lib, model), rs in groups.items():
+        e1, b = [r["epoch1"] for r in rs], [r["best"] for r in rs]
+        lines.append(
+            f"| {lib} | {model} | {','.join(str(r.get('seed', 0)) for r in rs)} | {speed[lib, model]:,.0f} | "
+            f"{max(r['peak_mb'] for r in rs):.0f} | {_mean_spread([e['test_auc'] for e in e1])} | "
+            f"{_mean_spread([e['test_logloss'] for e in e1])} | {','.join(str(e['epoch']) for e in b)} | "
+            f"{_mean_spread([e['test_auc'] for e in b])} | {_mean_spread([e['test_logloss'] for e in b])} |"
+        )
+    ratios = []
+    for model in MODELS:
+        peers = [v for (lib, m), v in speed.items() if m == model and lib != "meda"]
+        if (("meda", model) in speed) and peers:
+            ratios.append(f"{model} {speed['meda', model] / max(peers):.2f}x")
+    if ratios:
+        lines += ["", "meda's samples/s over the fastest peer's: " + ", ".join(ratios) + "."]
+    failed = [f"{f['library']} {f['model']} (seed {f['seed']})" for f in payload.get("failures", [])]
+    if failed:
+        lines += ["", "Failed runs (error in the JSON): " + ", ".join(failed) + "."]
     begin, end = f"<!-- peers:{device}:begin -->", f"<!-- peers:{device}:end -->"
     text = doc.read_text() if doc.exists() else "# meda.ctr and its peers\n"
     if begin not in text:
@@ -174,50 +220,124 @@ def _work(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_flush_denormal(True)  # std-1e-4 embeddings: denormals slow CPU runs several-fold
     data = dict(np.load(args.npz))
     device = torch.device(args.device)
-    runner = _run_meda if args.worker == "meda" else _run_peer
-    record = runner(args.worker, args.model, data, args.epochs, device)
+    stand_ins = _install_stand_ins() if args.worker == "fuxictr" else []
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        _warm_up(device)
+    runner = _run_meda if args.worker == "meda" else _run_peer
+    record = runner(args.worker, args.model, data, args.epochs, device, args.seed)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     epochs = record["epochs"]
     best = max(epochs, key=lambda e: e["valid_auc"])
     train_rows = len(data["train_label"])
     seconds = sum(e["train_seconds"] for e in epochs)
-    return {"library": args.worker, "model": args.model, "samples_per_s": train_rows * len(epochs) / seconds,
-            "peak_mb": peak, "epoch1": epochs[0], "best": best, "epochs": epochs}  # fmt: skip
+    return {"library": args.worker, "model": args.model, "seed": args.seed,
+            "samples_per_s": train_rows * len(epochs) / seconds, "peak_mb": peak, "epoch1": epochs[0], "best": best,
+            "epochs": epochs, "stand_ins": stand_ins}  # fmt: skip
 
 
-def _run_meda(_: str, model: str, data: dict, epochs: int, device: Any) -> dict[str, Any]:
+def _warm_up(device: Any) -> None:
+    """The same few untimed steps in every worker before its run (CUDA context, cuBLAS, the embedding, BCE and
+    Adam kernels), so that no library's timed epoch pays the process's one-off start-up."""
+    import torch
+    from torch.nn import functional as F
+
+    net = torch.nn.Sequential(torch.nn.Embedding(1000, 16), torch.nn.Flatten(), torch.nn.Linear(64, 1)).to(device)
+    for fused in (False, True):
+        opt = torch.optim.Adam(net.parameters(), fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            ids = torch.randint(0, 1000, (4096, 4), device=device)
+            F.binary_cross_entropy_with_logits(net(ids).squeeze(1), torch.rand(4096, device=device)).backward()
+            opt.step()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's ``VmHWM`` belongs to the address space made at exec;
+    ``ru_maxrss`` also counts what the forking driver held (its encoded data), so it is only the fallback."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_meda(_: str, model: str, data: dict, epochs: int, device: Any, seed: int) -> dict[str, Any]:
     """meda's own Trainer on the same split (read back through meda's encoded-data cache)."""
     from meda.ctr.data import load_dataset
     from meda.ctr.train import TrainConfig, train
 
     ds = load_dataset(str(data["tsv"]), "criteo", seed=0)
     assert len(ds.train) == len(data["train_label"]), "the cached split differs from the benchmark's"
-    stamps: list[float] = []
     options = {"cross_layers": SIZES["cross_layers"]} if model == "dcnv2" else {}
     cfg = TrainConfig(model=model, mode="multi-epoch", epochs=epochs, batch_size=SIZES["batch_size"], lr=SIZES["lr"],
                       embedding_dim=SIZES["embedding_dim"], hidden_units=tuple(SIZES["hidden_units"]),
-                      device=str(device), model_options=options)  # fmt: skip
-    payload = train(ds, cfg, on_step=lambda _: stamps.append(time.perf_counter()))
-    steps = -(-len(ds.train) // SIZES["batch_size"])
-    out = []
-    for i, e in enumerate(payload["epochs"]):
-        span = stamps[(i + 1) * steps - 1] - stamps[i * steps]
-        out.append({"epoch": e["epoch"], "valid_auc": e["valid_auc"], "test_auc": e["test_auc"],
-                    "test_logloss": e["test_logloss"], "train_seconds": span * steps / (steps - 1)})  # fmt: skip
+                      device=str(device), model_options=options, seed=seed)  # fmt: skip
+    payload = train(ds, cfg)
+    # timing: the pass's optimiser steps, first step included, device synchronised at its end (as the peers' loop)
+    out = [{"epoch": e["epoch"], "valid_auc": e["valid_auc"], "test_auc": e["test_auc"],
+            "test_logloss": e["test_logloss"], "train_seconds": t["train_seconds"]}
+           for e, t in zip(payload["epochs"], payload["timing"], strict=True)]  # fmt: skip
     return {"epochs": out}
 
 
-def _run_peer(lib: str, model: str, data: dict, epochs: int, device: Any) -> dict[str, Any]:
+class _StandIns:
+    """Import-only stand-ins for packages FuxiCTR 2.3.10 imports at module level but that the layers this
+    benchmark uses never call (``ray``: its Parquet data loader and dataset builder; ``polars``: its
+    preprocessing and metrics helpers). Used only where the real package is missing (the GPU host, where
+    ray's and polars' wheels alone exceed what one device call may carry): every attribute of a
+    stand-in module is a class that raises when it is instantiated, so any real use fails loudly."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        import importlib.util
+
+        if name.split(".")[0] not in self.names:
+            return None
+        return importlib.util.spec_from_loader(name, self, is_package=True)
+
+    def create_module(self, spec: Any) -> Any:
+        import types
+
+        class StandIn(types.ModuleType):
+            def __getattr__(self, attr: str) -> Any:
+                if attr.startswith("__"):
+                    raise AttributeError(attr)
+                where = f"{self.__name__}.{attr}"
+
+                def refuse(*_: Any, **__: Any) -> None:
+                    raise RuntimeError(f"{where} is an import-only stand-in (ctr_peers.py): install the real package")
+
+                return type(attr, (), {"__init__": refuse})
+
+        return StandIn(spec.name)
+
+    def exec_module(self, module: Any) -> None:
+        """Nothing to run: attributes are made on access."""
+
+
+def _install_stand_ins() -> list[str]:
+    """Put stand-ins for FuxiCTR's unused module-level imports that are not installed; returns their names."""
+    import importlib.util
+
+    missing = tuple(n for n in STAND_INS if importlib.util.find_spec(n) is None)
+    if missing:
+        sys.meta_path.insert(0, _StandIns(missing))
+    return list(missing)
+
+
+def _run_peer(lib: str, model: str, data: dict, epochs: int, device: Any, seed: int) -> dict[str, Any]:
     """A FuxiCTR or DeepCTR-Torch model, trained by the one plain loop shared by the peers."""
     import numpy as np
     import torch
     from sklearn.metrics import log_loss, roc_auc_score
     from torch.nn import functional as F
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net, to_input, outputs_prob = (_fuxictr if lib == "fuxictr" else _deepctr)(model, data["vocab"], device)
     net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=SIZES["lr"])
@@ -238,7 +358,7 @@ def _run_peer(lib: str, model: str, data: dict, epochs: int, device: Any) -> dic
     cat, num, label = split["train"]
     n, bs, record = len(label), SIZES["batch_size"], []
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).to(device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()

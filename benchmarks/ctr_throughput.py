@@ -34,13 +34,14 @@ VARIANTS = {
 }
 
 
-def dataset(rows: int, work: Path, seed: int):
-    """The criteo preset with ``rows`` rows, generated once into ``work`` and encoded (cached)."""
-    path = work / f"criteo_{rows}.parquet"
+def dataset(rows: int, work: Path, seed: int, fmt: str):
+    """The criteo preset with ``rows`` rows, generated once into ``work`` as Parquet or Criteo TSV (the file
+    ``ctr_peers.py --work WORK`` reads) and encoded (cached in ``$MEDA_CACHE_DIR`` or meda's default cache)."""
+    path = work / f"criteo_{rows}.{'tsv' if fmt == 'criteo' else 'parquet'}"
     if not path.exists():
-        schema = synthetic.schema_for("criteo", "parquet")
-        synthetic.write(synthetic.generate("criteo", rows, seed=seed), path, "parquet", schema)
-    return load_dataset(path, "parquet", cache_dir=work / "cache")
+        schema = synthetic.schema_for("criteo", fmt)
+        synthetic.write(synthetic.generate("criteo", rows, seed=seed), path, fmt, schema)
+    return load_dataset(path, fmt)
 
 
 def measure(ds, model: str, batch: int, variant: str, device: str, seed: int) -> dict:
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--variant-models", default="dnn,deepfm")
     ap.add_argument("--variant-batch", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", default="parquet", choices=("parquet", "criteo"), help="file the data are written to")
     ap.add_argument("--out", type=Path, required=True, help="folder: throughput.json, throughput.md")
     ap.add_argument("--work", type=Path, default=None, help="folder of the generated data and cache (default: --out)")
     args = ap.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
     started = time.perf_counter()
     work = args.work or args.out
     work.mkdir(parents=True, exist_ok=True)
-    ds = dataset(args.rows, work, args.seed)
+    ds = dataset(args.rows, work, args.seed, args.format)
     print(f"data ready in {time.perf_counter() - started:.1f} s: {ds.report['split_sizes']}", flush=True)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     plan = [(m, b, "eager") for m in args.models.split(",") for b in batches]
