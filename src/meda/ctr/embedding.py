@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -84,7 +84,7 @@ class FeatureEmbedding(nn.Module):
     ``[n_numeric * dim]`` (elements ``[i*dim, (i+1)*dim)``: the vector of numeric field ``i``).
     The initial draw and :meth:`reinitialise` fill exactly a field's rows, table by table, in the
     order of the former per-field tables, so the same seed gives the same tables as one table per
-    field (and the same training, bit for bit on CPU, tested for meda with Adam and Adagrad).
+    field (a meda run on CPU, Adam or Adagrad, gave bit-identical metrics before and after the change).
 
     Args:
         feature_map: the fields to embed.
@@ -113,7 +113,7 @@ class FeatureEmbedding(nn.Module):
                             for kind in ("categorical", "numeric", "sequence")}  # fmt: skip
         self.num_fields = len(feature_map.fields)
         ids = [*self.field_order["categorical"], *self.field_order["sequence"]]
-        starts = np.cumsum([0] + [self.vocab_sizes[n] for n in ids]).tolist()
+        starts = [0, *accumulate(self.vocab_sizes[n] for n in ids)]
         self.spans = {n: (starts[i], starts[i + 1]) for i, n in enumerate(ids)}  # rows of each field in `table`
         offsets = {kind: torch.tensor([self.spans[n][0] for n in self.field_order[kind]], dtype=torch.int64)
                    for kind in ("categorical", "sequence")}  # fmt: skip
