@@ -10,6 +10,7 @@ import pytest
 import torch
 from learnable import learnable_dataset
 
+from meda.ctr.checkpoint import CHECKPOINT_NAME, ResumeError
 from meda.ctr.metrics import logloss
 from meda.ctr.models import MODELS
 from meda.ctr.modes import Mode
@@ -67,6 +68,17 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     train(data, TrainConfig(mode="multi-epoch", epochs=1, **FAST), tmp_path)
     with pytest.raises(ValueError, match=r"settings \['lr'\] differ"):
         train(data, TrainConfig(mode="multi-epoch", epochs=1, **{**FAST, "lr": 0.1}), tmp_path, resume=True)
+
+
+def test_resume_refuses_a_checkpoint_of_another_parameter_layout(tmp_path: Path) -> None:
+    data = learnable_dataset(rows=1000)
+    cfg = TrainConfig(mode="multi-epoch", epochs=1, **FAST)
+    train(data, cfg, tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    state["model"]["embedding.categorical.c0"] = state["model"].pop("embedding.table")  # the per-field layout
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ResumeError, match=r"do not match this model's .*use a new --out folder"):
+        train(data, cfg, tmp_path, resume=True)
 
 
 def test_first_epoch_is_the_same_in_every_non_continual_mode(dataset) -> None:

@@ -461,10 +461,16 @@ class Trainer:
                 f"cannot resume from {self.out_dir}: {what} differ from the checkpointed run; "
                 "use the same settings and data, or a new --out folder"
             )
-        self.groups.load_state_dict(state["groups"])
-        self.groups.activate(state["active_group"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.groups.load_state_dict(state["groups"])
+            self.groups.activate(state["active_group"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as err:  # e.g. one table per field, written before the tables were joined
+            raise ResumeError(
+                f"cannot resume from {self.out_dir}: the checkpoint's parameters do not match this model's "
+                f"({str(err).splitlines()[0]}); it was written by another meda version; use a new --out folder"
+            ) from err
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
