@@ -215,11 +215,30 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
 
 
 @needs_smollm2
-def test_accuracy_loop_scores_stock_and_compressed_generation(processor) -> None:
-    from meda.kv.vlm.evaluate import task_accuracy
+def test_assembled_checkpoint_loads_and_runs_through_the_eval_harness(processor, tmp_path: Path) -> None:
+    from meda.kv.eval.harness import evaluate
+    from meda.kv.vlm import assemble
 
-    model, _ = tiny_vlm(processor)
-    for method in (None, "snapkv"):
-        run = task_accuracy(model, processor, "mm-order", 3, 2, method=method, budget=0.5)
-        assert run["samples"] == 2 and len(run["answers"]) == 2 and 0.0 <= run["accuracy"] <= 1.0
-        assert [gold for _, gold in run["answers"]] == [get_task("mm-order").make(i, 3).answer for i in range(2)]
+    model, lm = tiny_vlm(processor)
+    add_lora(model, rank=4, alpha=8.0)
+    save_shipped(trainable_state(model), tmp_path / "weights", {"lora_rank": 4, "lora_alpha": 8.0})
+    lm.save_pretrained(tmp_path / "base")
+    processor.tokenizer.save_pretrained(tmp_path / "base")
+    folder = assemble.main(
+        ["--weights", str(tmp_path / "weights"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "ckpt")]
+    )
+    loaded, loaded_processor = models.load_model(str(folder), device="cpu")
+    payload = evaluate(
+        loaded,
+        loaded_processor,
+        model_name="tiny",
+        tasks=[get_task("mm-order")],
+        methods=["full", "snapkv"],
+        budgets=[0.5],
+        samples=2,
+        sizes=[3],
+        progress=False,
+    )
+    rows = {run["method"]: run for run in payload["runs"]}
+    assert set(rows) == {"full", "snapkv"} and all(r["samples"] == 2 for r in rows.values())
+    assert 0.0 <= rows["snapkv"]["accuracy"] <= 1.0 and rows["snapkv"]["kept_fraction"] < 1.0

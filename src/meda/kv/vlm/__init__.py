@@ -5,7 +5,7 @@
 * :mod:`meda.kv.vlm.weights`: the shipped weights (``meda-vlm-mini/`` beside this file, without SmolLM2's
   weights) and their assembly with SmolLM2 into a loadable checkpoint;
 * :mod:`meda.kv.vlm.train`: the training script (``python -m meda.kv.vlm.train --help``);
-* :mod:`meda.kv.vlm.evaluate`: full-cache and compressed accuracy on the multimodal tasks.
+* :mod:`meda.kv.vlm.assemble`: trained weights into a checkpoint folder (then ``meda kv eval --model DIR``).
 
 Load it like any model: ``meda.kv.models.load_model("meda-vlm-mini")``.
 """

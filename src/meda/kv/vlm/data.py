@@ -41,8 +41,16 @@ def make_describe(seed: int, size: int) -> Sample:
     k = rng.randrange(size)
     text = "".join(f"Image {i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(size))
     text += f"What does image {k + 1} show? Answer with the colour and the object."
-    return Sample(text=text, answer=items[k].describe(), images=images)
+    meta = {"items": [item.describe() for item in items]}
+    return Sample(text=text, answer=items[k].describe(), images=images, meta=meta)
 
+
+# what an image shows, as a class index: ITEMS' order, then one class for an empty video frame
+ITEM_NAMES = (*(item.describe() for item in ITEMS), "empty")
+_ITEM_INDEX = {name: i for i, name in enumerate(ITEM_NAMES)}
+
+
+MM_TASKS = ("mm-needle", "mm-count", "mm-order", "mm-assoc")
 
 # name -> (make, weight in the training mix)
 TRAIN_TASKS: dict[str, tuple[Callable[[int, int], Sample], float]] = {
@@ -63,6 +71,7 @@ class Batch:
         pixel_values: ``[images, 3, H, W]``, all images of the batch in order.
         positions: ``[targets]`` flat indices into ``batch * tokens`` whose next token is a target.
         targets: ``[targets]`` the answer token ids (answer + end of turn).
+        items: ``[images]`` what each image shows, an index into :data:`ITEM_NAMES`.
         task: which task the batch holds; images: images per sample.
     """
 
@@ -70,6 +79,7 @@ class Batch:
     pixel_values: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
+    items: torch.Tensor
     task: str
     images: int
 
@@ -104,7 +114,7 @@ def make_batch(
     make = TRAIN_TASKS[task][0]
     tokenizer = processor.tokenizer
     end = tokenizer(ANSWER_END, add_special_tokens=False)["input_ids"]
-    rows, pixels, answers = [], [], []
+    rows, pixels, answers, items = [], [], [], []
     for j in range(count):
         sample = make(TRAIN_SEED_START + salt * 4096 + j, size)
         enc = sample_inputs(processor, sample)
@@ -112,6 +122,7 @@ def make_batch(
         rows.append(enc["input_ids"][0].tolist() + answer)
         answers.append(len(answer))
         pixels.append(enc["pixel_values"])
+        items += [_ITEM_INDEX[name or "empty"] for name in sample.meta["items"]]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((count, width), pad, dtype=torch.long)
@@ -121,7 +132,9 @@ def make_batch(
         start = len(row) - n
         positions.extend(b * width + p - 1 for p in range(start, len(row)))
         targets.extend(row[start:])
-    return Batch(ids, torch.cat(pixels), torch.tensor(positions), torch.tensor(targets), task, size)
+    return Batch(
+        ids, torch.cat(pixels), torch.tensor(positions), torch.tensor(targets), torch.tensor(items), task, size
+    )
 
 
 class BatchStream(torch.utils.data.IterableDataset):

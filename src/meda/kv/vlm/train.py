@@ -38,7 +38,7 @@ from meda.kv.vlm.architecture import (
     load_trainable,
     trainable_state,
 )
-from meda.kv.vlm.data import TRAIN_TASKS, Batch, BatchStream
+from meda.kv.vlm.data import ITEM_NAMES, MM_TASKS, TRAIN_TASKS, Batch, BatchStream
 from meda.kv.vlm.weights import read_shipped, save_shipped
 
 
@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="weight of the penalty on image-token norms above twice the text embeddings' norm",
+    )
+    p.add_argument(
+        "--align-weight",
+        type=float,
+        default=1.0,
+        help="weight of the pull of every image token towards the text embedding of what the image shows",
     )
     p.add_argument("--max-images", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4, help="vision tower and projector")
@@ -132,6 +138,47 @@ def norm_penalty(image_tokens: torch.Tensor, text_norm: float) -> torch.Tensor:
     return F.relu(ratio - 1).square().mean()
 
 
+def item_targets(model: Any, tokenizer: Any) -> torch.Tensor:
+    """``[len(ITEM_NAMES), 2, hidden]``: for each thing an image can show, the text embeddings of its colour
+    word and of its kind word (``" red"``, ``" star"``; a digit's own token ``" 7"``; ``" empty"`` twice for an
+    empty frame; a multi-token word gets its tokens' mean), from SmolLM2's frozen embedding matrix.
+
+    Colour and kind are kept apart: the mean embedding of a whole name is 0.98 cosine-similar between
+    ``"red digit 7"`` and ``"red digit 1"``, too close to tell apart.
+    """
+    embeddings = model.model.language_model.embed_tokens.weight
+
+    def word(text: str) -> torch.Tensor:
+        return embeddings[tokenizer(" " + text, add_special_tokens=False)["input_ids"]].float().mean(0)
+
+    rows = []
+    for name in ITEM_NAMES:
+        parts = name.replace(" digit", "").split(" ")
+        colour, kind = (parts[0], parts[-1]) if len(parts) == 2 else (name, name)
+        rows.append(torch.stack([word(colour), word(kind)]))
+    return torch.stack(rows).detach()
+
+
+def align_loss(image_tokens: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the projected image tokens ``[images, tokens, hidden]`` and the text
+    embeddings of what each image shows (:func:`item_targets` ``[classes, 2, hidden]``; the first half of an
+    image's tokens towards its colour word, the second half towards its kind word), in units of the mean
+    squared distance between two different targets (so 1 is as far as a wrong answer).
+
+    A direct signal for the vision tower trained from scratch: without it the first H200 run learned
+    nothing on the vision side (the language model never read the images), since the answer loss reaches
+    the tower only through 30 frozen layers. It also puts image tokens where SmolLM2 already reads meaning.
+    A distance, not a cosine: SmolLM2's embeddings share one large direction (any two of these targets are
+    more than 0.98 cosine-similar), so a cosine loss is small long before the classes are told apart.
+    """
+    half = image_tokens.shape[1] // 2
+    split = torch.tensor([half, image_tokens.shape[1] - half], device=items.device)
+    wanted = targets[items].repeat_interleave(split, 1)
+    flat = targets.flatten(0, 1)
+    spread = torch.cdist(flat, flat).square().sum() / (flat.shape[0] * (flat.shape[0] - 1))
+    return (image_tokens.float() - wanted).square().sum(-1).mean() / spread
+
+
 def log(out: Path, record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
     with (out / "train_log.jsonl").open("a") as f:
@@ -189,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown training task(s) {unknown}; choose from {', '.join(TRAIN_TASKS)}")
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
+    targets = item_targets(model, tokenizer).to(device)
     stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
@@ -217,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     running: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     image_norm = torch.zeros((), device=device)
+    aligned = torch.zeros((), device=device)
     batches, waited, window_start = iter(loader), 0.0, time.perf_counter()
     while True:
         asked = time.perf_counter()
@@ -229,13 +278,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lora_lr), strict=True):
             group["lr"] = base_lr * factor
         loss, image_tokens = loss_of(model, batch, device, cuda)
-        (loss + args.norm_weight * norm_penalty(image_tokens, text_norm)).backward()
+        align = align_loss(image_tokens, batch.items.to(device, non_blocking=True), targets)
+        (loss + args.norm_weight * norm_penalty(image_tokens, text_norm) + args.align_weight * align).backward()
         torch.nn.utils.clip_grad_norm_(vision + lora, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         running[batch.task] = running.get(batch.task, 0) + loss.detach()
         counts[batch.task] = counts.get(batch.task, 0) + 1
         image_norm = image_norm + image_tokens.detach().float().norm(dim=-1).mean()
+        aligned = aligned + align.detach()
         tokens += batch.input_ids.numel()
         step += 1
         if step % args.log_every == 0:
@@ -248,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "loss": losses,
                     "image_norm": round(image_norm.item() / args.log_every, 2),
                     "text_norm": round(text_norm, 2),
+                    "align": round(aligned.item() / args.log_every, 4),
                     "elapsed_s": round(elapsed, 1),
                     "tokens_per_s": round(tokens / max(elapsed - spent, 1e-6)),
                     "lr_factor": round(factor, 3),
@@ -256,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             running, counts, waited, window_start = {}, {}, 0.0, time.perf_counter()
             image_norm = torch.zeros((), device=device)
+            aligned = torch.zeros((), device=device)
         if time.perf_counter() - last_save > args.save_every:
             save(model, optimizer, step, time.perf_counter() - t0, ckpt, out, meta)
             last_save = time.perf_counter()
@@ -282,25 +335,26 @@ def save(model: Any, optimizer: Any, step: int, spent: float, ckpt: Path, out: P
 
 
 def final_accuracy(model: Any, processor: Any, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    """Held-out full-cache accuracy of the trained (unmerged) model at ``--max-images`` images per task."""
-    from meda.kv.vlm.evaluate import MM_TASKS, task_accuracy
+    """Held-out full-cache accuracy of the trained (unmerged) model at ``--max-images`` images per task,
+    through the evaluation harness (``meda kv eval``'s loop; held-out seeds ``0..eval_samples-1``)."""
+    from meda.kv.eval.harness import evaluate
+    from meda.kv.eval.tasks import get_task
 
     model.eval()
-    accuracy = {}
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
-        for task in MM_TASKS:
-            run = task_accuracy(model, processor, task, args.max_images, args.eval_samples)
-            accuracy[task] = run["accuracy"]
-            log(
-                out,
-                {
-                    "event": "accuracy",
-                    "task": task,
-                    "images": args.max_images,
-                    "accuracy": run["accuracy"],
-                    "examples": run["answers"][:5],
-                },
-            )
+        payload = evaluate(
+            model,
+            processor,
+            model_name="meda-vlm-mini (training run)",
+            tasks=[get_task(name) for name in MM_TASKS],
+            methods=["full"],
+            budgets=[],
+            samples=args.eval_samples,
+            sizes=[args.max_images],
+            device=model.device,
+        )
+    accuracy = {run["task"]: run["accuracy"] for run in payload["runs"]}
+    log(out, {"event": "accuracy", "images": args.max_images, "samples": args.eval_samples, "accuracy": accuracy})
     (out / "accuracy.json").write_text(json.dumps({"images": args.max_images, "accuracy": accuracy}) + "\n")
     return accuracy
 

@@ -86,6 +86,12 @@ def assemble(folder: Path = SHIPPED_DIR, base: str | Path | None = None) -> tupl
     return model.eval(), processor
 
 
+def save_checkpoint(model: Any, processor: Any, folder: Path) -> None:
+    """Write an assembled model and its processor as a checkpoint folder ``from_pretrained`` loads."""
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
 def assembled_checkpoint(folder: Path = SHIPPED_DIR) -> Path:
     """Directory of the complete checkpoint (config, weights, processor) in the meda cache, built on first use
     (a few seconds once SmolLM2 is converted) and keyed by the shipped files' contents."""
@@ -100,11 +106,6 @@ def assembled_checkpoint(folder: Path = SHIPPED_DIR) -> Path:
     if (target / "config.json").is_file():
         return target
     model, processor = assemble(folder)
-
-    def write(staging: Path) -> None:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-
-    models.write_checkpoint_once(target, write)
+    models.write_checkpoint_once(target, lambda staging: save_checkpoint(model, processor, staging))
     logger.info("assembled %s at %s", ALIAS, target)
     return target
