@@ -102,7 +102,7 @@ def main() -> None:
             print(_line(result), flush=True)
             order = {name: i for i, name in enumerate(["meda", *PEERS])}
             runs = [r for r in payload["runs"] if _key(r) != key] + [result]
-            payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]], r["seed"]))
+            payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]], _key(r)[2]))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1))  # after every run: an interrupted benchmark keeps its runs
         _write_table(payload, Path(args.doc))
