@@ -302,3 +302,23 @@ def test_query_subsets_bound_the_statistics_and_stay_exact_at_full_budget() -> N
     assert sum(sampled.layer_tokens) == pytest.approx(sum(full_stats.layer_tokens), abs=len(sampled.layer_tokens))
     with pytest.raises(ValueError, match="score_queries"), compress(t.model, "meda", 0.3, score_queries=0):
         pass
+
+
+def test_merge_cap_zero_generates_like_dropping_and_still_counts_merges() -> None:
+    """merge_cap=0: every merged pair keeps all of itself, so the logits equal merge="none"'s while the report
+    still counts the pairs assigned to a slot; the uncapped paper recipe and a cap between move them."""
+    t = tiny("llama", "sdpa")
+    inputs = t.inputs(1)
+    logits, merged = {}, {}
+    for name, options in (("none", {"merge": "none"}), ("cap0", {"merge_cap": 0.0}), ("cap", {"merge_cap": 0.3}),
+                          ("paper", {})):  # fmt: skip
+        with compress(t.model, method="meda-paper", budget=0.3, **options) as report:
+            logits[name] = torch.stack(greedy(t.model, inputs).scores)  # [steps, 1, vocab]; step 0 is the prefill's
+        merged[name] = report.merged_tokens
+    torch.testing.assert_close(logits["cap0"], logits["none"])
+    assert merged["cap0"] == merged["paper"] > 0 and merged["none"] == 0
+    for name in ("cap", "paper"):
+        assert (logits[name] - logits["none"]).abs().max() > 1e-3
+    assert (logits["cap"] - logits["paper"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="merge_cap"), compress(t.model, method="meda-paper", merge_cap=2.0):
+        pass

@@ -10,11 +10,12 @@ from meda.kv.selection import Selection, gather_kv, select_indices
 
 
 def reference_merge(
-    keys, values, selection, valid, mode, scores=None, targets=None, merge_keys=True, threshold=None
+    keys, values, selection, valid, mode, scores=None, targets=None, merge_keys=True, threshold=None, cap=None
 ):
     """Assign each evicted valid token to its most key-cosine-similar kept slot (only slots in ``targets``
     when given; dropped when its best similarity is below ``threshold``), then combine per mode (values
-    only when ``merge_keys`` is False)."""
+    only when ``merge_keys`` is False); with ``cap``, at most that share of a merged pair comes from the
+    pairs it absorbed."""
     keys, values = keys.double(), values.double()
     out_k, out_v = (x.double().clone() for x in gather_kv(keys, values, selection))
     batch, heads, n, _ = keys.shape
@@ -44,17 +45,18 @@ def reference_merge(
                 own = int(selection.indices[b, h, s])
                 for x, out in ((keys, out_k), (values, out_v))[0 if merge_keys else 1 :]:
                     merged = x[b, h, members]
-                    if mode == "average":
-                        out[b, h, s] = (x[b, h, own] + merged.sum(0)) / (1 + len(members))
-                    elif mode == "pivot":
-                        out[b, h, s] = (x[b, h, own] + merged.mean(0)) / 2
-                    else:
-                        w = scores[b, h, [own, *members]].double()
-                        stacked = torch.cat([x[b, h, own][None], merged])
-                        if w.sum() > 0:
-                            out[b, h, s] = (w[:, None] * stacked).sum(0) / w.sum()
-                        else:
-                            out[b, h, s] = stacked.mean(0)
+                    w = scores[b, h, [own, *members]].double() if mode == "weighted" else None
+                    if mode == "pivot":
+                        share, mean = 0.5, merged.mean(0)
+                    elif mode == "weighted" and w.sum() > 0:
+                        share, mean = (
+                            float(w[1:].sum() / w.sum()),
+                            (w[1:, None] * merged).sum(0) / max(w[1:].sum(), 1e-30),
+                        )
+                    else:  # average, and weighted whose weights sum to 0
+                        share, mean = len(members) / (1 + len(members)), merged.mean(0)
+                    share = share if cap is None else min(share, cap)
+                    out[b, h, s] = (1 - share) * x[b, h, own] + share * mean
     return out_k, out_v
 
 
@@ -171,8 +173,8 @@ def test_values_only_and_threshold_match_loop_reference(mode, merge_keys, thresh
     )  # fmt: skip
     ref_k, ref_v = reference_merge(keys, values, sel, valid, mode, scores, merge_keys=merge_keys, threshold=threshold)
     mask = sel.mask[..., None]
-    torch.testing.assert_close((k * mask).double(), ref_k * mask)
-    torch.testing.assert_close((v * mask).double(), ref_v * mask)
+    torch.testing.assert_close((k * mask).double(), ref_k * mask, rtol=1e-5, atol=1e-6)  # float32 output
+    torch.testing.assert_close((v * mask).double(), ref_v * mask, rtol=1e-5, atol=1e-6)
     gk, gv = gather_kv(keys, values, sel)
     if not merge_keys:
         assert torch.equal(k, gk)
@@ -218,3 +220,27 @@ def test_cuda_matches_cpu(mode):
     gk, gv = merge_evicted(keys.cuda(), values.cuda(), on_gpu, valid.cuda(), mode=mode, scores=scores.cuda(), chunk=3)
     torch.testing.assert_close(gk.cpu(), k)
     torch.testing.assert_close(gv.cpu(), v)
+
+
+@pytest.mark.parametrize("mode", ["average", "pivot", "weighted"])
+@pytest.mark.parametrize("cap", [0.0, 0.2, 0.6, 1.0])
+def test_cap_bounds_the_absorbed_share_like_the_loop_reference(mode, cap):
+    keys, values, valid, scores, sel = make_case(seed=7)
+    k, v = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, cap=cap, chunk=5)
+    ref_k, ref_v = reference_merge(keys, values, sel, valid, mode, scores, cap=cap)
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), ref_k * mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((v * mask).double(), ref_v * mask, rtol=1e-5, atol=1e-6)
+    if cap == 0.0:  # nothing may move
+        gk, gv = gather_kv(keys, values, sel)
+        assert torch.equal(k * mask, gk * mask) and torch.equal(v * mask, gv * mask)
+    if cap == 1.0:  # no share exceeds 1: the same as no cap
+        uncapped = merge_evicted(keys, values, sel, valid, mode=mode, scores=scores, chunk=5)
+        torch.testing.assert_close(k, uncapped[0])
+        torch.testing.assert_close(v, uncapped[1])
+
+
+def test_cap_outside_zero_one_is_refused():
+    keys, values, valid, _scores, sel = make_case()
+    with pytest.raises(ValueError, match=r"cap must be None or a share in \[0, 1\]"):
+        merge_evicted(keys, values, sel, valid, cap=1.5)

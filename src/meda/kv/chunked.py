@@ -291,10 +291,11 @@ class ChunkedPrefill:
                     targets = merging.scored_targets(
                         sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window
                     )
-                k, v = merging.merge_evicted(
-                    k, v, sel, valid, mode=r.merge, scores=scores[:, h : h + 1].clamp_min(0.0), targets=targets
+                k, v, merged = merging.merge_evicted(
+                    k, v, sel, valid, mode=r.merge, scores=scores[:, h : h + 1].clamp_min(0.0), targets=targets,
+                    merge_keys=r.merge_keys, threshold=r.merge_threshold, cap=r.merge_cap, with_counts=True,
                 )
-                absorbed += float((lost * targets.any(-1)[:, 0]).sum())
+                absorbed += float(merged.sum())  # pairs really merged (below the threshold they are dropped)
             dropped += float(lost.sum())
             sels.append(sel)
             ks.append(k)

@@ -9,7 +9,11 @@ merged group ``M`` (``n = |M|``):
 - ``weighted``: ``k' = (s k + sum_M s_m k_m) / (s + sum_M s_m)``, ``s`` the token scores; a group whose
   weights sum to 0 falls back to ``average``
 
-and the same for ``v`` (``merge_keys=False`` merges values only: every kept key stays as it was).
+and the same for ``v`` (``merge_keys=False`` merges values only: every kept key stays as it was). Each is
+``k' = (1 - share) k + share * mean``, ``mean`` the (weighted) mean of the absorbed pairs and ``share`` what
+the mode gives them (``n / (1 + n)``, ``1/2``, ``sum_M s_m / (s + sum_M s_m)``); ``cap`` bounds ``share``, so
+a slot that absorbs many pairs keeps at least ``1 - cap`` of itself (with ``average``, 50 absorbed pairs
+would otherwise leave it 2%).
 ``threshold`` drops instead of merges an evicted pair whose best cosine similarity is below it.
 ``targets`` optionally restricts which kept slots may receive merges
 (:func:`scored_targets`: not the sink / recent-window slots). Slots with nothing merged are returned
@@ -99,6 +103,7 @@ def merge_evicted(
     targets: Tensor | None = None,
     merge_keys: bool = True,
     threshold: float | None = None,
+    cap: float | None = None,
     chunk: int = 4096,
     with_counts: bool = False,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
@@ -115,6 +120,8 @@ def merge_evicted(
             tokens are dropped).
         merge_keys: False keeps every kept key unchanged and merges the values only.
         threshold: optional cosine similarity below which an evicted pair is dropped, not merged.
+        cap: optional largest share (in [0, 1]) of a merged pair that may come from the pairs it absorbed
+            (see the module docstring); 0 keeps every kept pair as it was, None applies no cap.
         chunk: evicted-candidate positions per step.
         with_counts: also return ``merged [B, Hkv]``, the evicted pairs really merged per head.
 
@@ -126,6 +133,8 @@ def merge_evicted(
         raise ValueError(f"mode must be one of {MERGE_MODES}; got {mode!r}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
+    if cap is not None and not 0 <= cap <= 1:
+        raise ValueError(f"cap must be None or a share in [0, 1]; got {cap}")
     kept_k, kept_v = gather_kv(keys, values, selection)
     batch, heads, n_tokens, _ = keys.shape
     if valid.dtype != torch.bool or tuple(valid.shape) != (batch, n_tokens):
@@ -152,18 +161,25 @@ def merge_evicted(
     )
 
     count = sum_w[..., 0]  # [B, H, K] merged tokens per slot
+    # Every mode is k' = (1 - share) k + share * (mean of what the slot absorbed), share <= cap.
+    if mode == "weighted":
+        own = scores.gather(-1, selection.indices).masked_fill(~slot_mask, 0.0)  # [B, H, K]
+        weight = own + sum_w[..., 1]
+        use_scores = weight > 0  # a group whose weights sum to 0 falls back to average
+        absorbed_w = torch.where(use_scores, sum_w[..., 1], count)
+        share = torch.where(use_scores, sum_w[..., 1] / weight.clamp_min(1e-30), count / (1.0 + count))
+        column = torch.where(use_scores, 1, 0)  # which weighting the absorbed mean uses
+    else:
+        absorbed_w = count
+        share = count / (1.0 + count) if mode == "average" else torch.full_like(count, 0.5)
+        column = torch.zeros_like(count, dtype=torch.long)
+    if cap is not None:
+        share = share.clamp_max(cap)
     merged = []
     for kept, total in ((kept_k.float(), sum_k), (kept_v.float(), sum_v)):
-        average = (kept + total[..., 0, :]) / (1.0 + count[..., None])
-        if mode == "average":
-            merged.append(average)
-        elif mode == "pivot":
-            merged.append((kept + total[..., 0, :] / count.clamp_min(1.0)[..., None]) / 2.0)
-        else:
-            own = scores.gather(-1, selection.indices).masked_fill(~slot_mask, 0.0)  # [B, H, K]
-            weight = own + sum_w[..., 1]
-            weighted = (own[..., None] * kept + total[..., 1, :]) / weight.clamp_min(1e-30)[..., None]
-            merged.append(torch.where((weight > 0)[..., None], weighted, average))
+        picked = total.gather(3, column[..., None, None].expand(*column.shape, 1, total.shape[-1]))[..., 0, :]
+        absorbed_mean = picked / absorbed_w.clamp_min(1e-30)[..., None]
+        merged.append((1.0 - share[..., None]) * kept + share[..., None] * absorbed_mean)
     changed = (slot_mask & (count > 0))[..., None]
     k = torch.where(changed, merged[0].to(keys.dtype), kept_k) if merge_keys else kept_k
     v = torch.where(changed, merged[1].to(values.dtype), kept_v)

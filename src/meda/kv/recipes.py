@@ -44,6 +44,9 @@ class Recipe:
             keeps each kept pair's own key, so what the pair is found by does not move.
         merge_threshold: key cosine similarity below which an evicted pair is dropped instead of
             merged (None: every evicted pair is merged, the papers).
+        merge_cap: largest share of a merged pair that may come from the pairs it absorbed (None: the
+            mode's own share, e.g. ``n / (1 + n)`` for ``average``; 0.5: a slot keeps at least half of itself
+            however many pairs it absorbs).
         layer_floor: smallest per-layer kept fraction as a share of the budget (0: only
             ``alpha_min``; 0.5: no layer keeps less than half the mean budget).
         window: observation window (queries) of the ``window`` scorer; also the length
@@ -69,6 +72,7 @@ class Recipe:
     merge_targets: MergeTargets = "all"
     merge_keys: bool = True
     merge_threshold: float | None = None
+    merge_cap: float | None = None
     layer_floor: float = 0.0
     window: int = 32
     pool_kernel: int = 7
@@ -154,6 +158,8 @@ def _validate(r: Recipe) -> None:
         raise ValueError(f"layer_floor must be in [0, 1] (a share of the budget), got {r.layer_floor}")
     if r.merge_threshold is not None and not -1 <= r.merge_threshold <= 1:
         raise ValueError(f"merge_threshold must be None or a cosine similarity in [-1, 1], got {r.merge_threshold}")
+    if r.merge_cap is not None and not 0 <= r.merge_cap <= 1:
+        raise ValueError(f"merge_cap must be None or a share in [0, 1], got {r.merge_cap}")
     for name in ("entropy_queries", "score_queries"):
         value = getattr(r, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

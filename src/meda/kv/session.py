@@ -386,7 +386,7 @@ class CompressionSession:
                 targets = merging.scored_targets(sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window)
             k, v, absorbed = merging.merge_evicted(
                 layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets,
-                merge_keys=r.merge_keys, threshold=r.merge_threshold, with_counts=True,
+                merge_keys=r.merge_keys, threshold=r.merge_threshold, cap=r.merge_cap, with_counts=True,
             )  # absorbed [B, Hkv]: pairs really merged (a head with no allowed target, or below threshold, drops)
         new = self._new_layer(k, v, sel.mask, layer.get_seq_length())
         return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
