@@ -154,6 +154,12 @@ def train(
     embedding_backend: str = typer.Option(
         "native", help="native tables, or torchrec (EmbeddingBagCollection; needs torchrec 1.8, see docs/ctr.md)."
     ),
+    sparse_grad: bool = typer.Option(
+        False,
+        help="Sparse gradients for the embedding tables (only looked-up rows): adam -> SparseAdam for the tables, "
+        "adagrad/sgd take them as is; the network keeps its optimiser. Refused with adamar/adagradar, "
+        "--embedding-l2 / --schedule bars, --compile and the torchrec backend. SparseAdam is not Adam: docs/ctr.md.",
+    ),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
@@ -186,6 +192,7 @@ def train(
     encoded shards cached, a bounded shuffle buffer (--shuffle-rows). Data-parallel:
     torchrun --nproc-per-node N -m meda ctr train ... (gloo on CPU, NCCL on GPU; the
     --batch-size is the global batch; rank 0 writes metrics.json and checkpoints).
+    Large tables: --sparse-grad (sparse table gradients, all-reduced sparse under DDP).
 
     \b
     Remedies to compare MEDA with: --schedule bars (FuxiCTR's BARS protocol: embedding
@@ -217,7 +224,7 @@ def train(
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
             serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device, precision=precision,
-            compile=compile, resident=resident, embedding_backend=embedding_backend,
+            compile=compile, resident=resident, embedding_backend=embedding_backend, sparse_grad=sparse_grad,
         )  # fmt: skip
         distributed.init(device)
     except (ValueError, TypeError) as err:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def world() -> int:
@@ -111,3 +112,32 @@ def same_on_every_rank(module: torch.nn.Module) -> bool:
     ok = torch.tensor([int(torch.equal(sums, ref))], device=sums.device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device, sparse_tables: list[torch.nn.Parameter]) -> DDP:
+    """``model`` wrapped in DDP (gradients all-reduced and averaged over ranks at each backward).
+
+    DDP all-reduces a gradient as sparse only for a parameter it first meets in an ``nn.Embedding`` with
+    ``sparse=True``; the concatenated tables live in :class:`~meda.ctr.embedding.FeatureEmbedding`, so each
+    table of ``sparse_tables`` is first shown to DDP through such an ``nn.Embedding`` sharing the parameter
+    (:class:`SparseTables`). The 2-process ``--sparse-grad`` test fails loudly if DDP stops honouring it.
+    """
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(SparseTables(model, sparse_tables) if sparse_tables else model, device_ids=ids)
+
+
+class SparseTables(torch.nn.Module):
+    """``model`` behind one ``nn.Embedding(sparse=True)`` per table sharing its parameter (registered
+    first, so DDP expects those parameters' gradients sparse); ``forward`` is the model's."""
+
+    def __init__(self, model: torch.nn.Module, tables: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.markers = torch.nn.ModuleList()
+        for table in tables:
+            marker = torch.nn.Embedding(1, table.shape[1], sparse=True)
+            marker.weight = table  # the same Parameter object, not a copy
+            self.markers.append(marker)
+        self.model = model
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.model(*args, **kwargs)

@@ -6,7 +6,9 @@ One :class:`FeatureEmbedding` turns a batch into one vector per field:
 - numeric field: a learned vector ``[dim]`` scaled by the row's value;
 - sequence field: the mean of its ids' rows (padding id 0 excluded).
 
-Every field's table is a block of rows of one concatenated parameter, looked up once per batch.
+Every field's table is a block of rows of one concatenated parameter, looked up once per batch;
+with ``sparse=True`` its gradient is sparse (only the rows a batch touched), for a sparse-capable
+optimiser (see :func:`meda.ctr.optim.build_optimizer`).
 
 MEDA re-initialises these tables every epoch, so the layer knows its init
 distribution and can redraw any subset of its fields from a given generator
@@ -91,6 +93,8 @@ class FeatureEmbedding(nn.Module):
         dim: embedding size ``D`` (1 gives the first-order weights of LR/FM/Wide).
         init: init distribution (also used by :meth:`reinitialise`).
         generator: optional generator for the initial draw.
+        sparse: give ``table`` a sparse gradient (``F.embedding(..., sparse=True)``); the numeric
+            vectors stay dense. Settable later through the attribute ``sparse``.
 
     Output of :meth:`forward`: ``[batch, num_fields, dim]``, fields ordered
     categorical, then numeric, then sequence (each in feature-map order).
@@ -102,8 +106,10 @@ class FeatureEmbedding(nn.Module):
         dim: int,
         init: EmbeddingInit | None = None,
         generator: torch.Generator | None = None,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
+        self.sparse = sparse
         if dim < 1:
             raise ValueError(f"embedding dim must be >= 1, got {dim}")
         self.dim = dim
@@ -145,7 +151,9 @@ class FeatureEmbedding(nn.Module):
         if n_seq:
             seq = batch["sequence"]  # [B, n_seq, L]
             ids.append((seq + self.sequence_offsets.unsqueeze(1)).flatten(start_dim=1))
-        rows = F.embedding(torch.cat(ids, dim=1) if len(ids) > 1 else ids[0], self.table) if ids else None
+        rows = None
+        if ids:  # one lookup of every field's rows: [B, n_cat + n_seq * L, D]
+            rows = F.embedding(torch.cat(ids, dim=1) if len(ids) > 1 else ids[0], self.table, sparse=self.sparse)
         parts: list[torch.Tensor] = []
         if n_cat:
             parts.append(rows[:, :n_cat])  # [B, n_cat, D]

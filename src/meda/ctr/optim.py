@@ -3,6 +3,9 @@
 Every optimiser is one entry of :data:`OPTIMIZERS`. ``adamar`` / ``adagradar`` are Adam /
 Adagrad whose embedding group also gets the adaptive per-row decay of
 :mod:`meda.ctr.adaptive_reg` (the network group steps as plain Adam / Adagrad).
+
+With sparse gradients (``--sparse-grad``) the embedding tables get their own optimiser from
+:data:`SPARSE_OPTIMIZERS` and the two step as one :class:`SplitOptimizer`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamar": AdamAR,
     "adagradar": AdagradAR,
 }
+# the optimiser of tables with sparse gradients, per --optimizer (SparseAdam: Adam's update on the touched rows,
+# moments of the other rows left alone; Adagrad and SGD take sparse gradients themselves, unfused)
+SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.SparseAdam,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
 # options of the embedding group each optimiser accepts (``--optimizer-option KEY=VALUE``), with defaults
 EMBEDDING_OPTIONS: dict[str, dict[str, float]] = {
     "adamar": {"ar_alpha": 0.01, "ar_decay": 1.0},
@@ -38,12 +48,15 @@ def build_optimizer(
     embedding_l2: float = 0.0,
     net_l2: float = 0.0,
     options: Mapping[str, Any] | None = None,
-) -> torch.optim.Optimizer:
+    sparse_params: Iterable[nn.Parameter] = (),
+) -> torch.optim.Optimizer | SplitOptimizer:
     """One optimiser with two parameter groups: ``embedding`` (L2 ``embedding_l2``) and
     ``network`` (L2 ``net_l2``). L2 is applied as the optimiser's (coupled) weight decay, the
     same gradient as FuxiCTR's ``embedding_regularizer`` / ``net_regularizer`` terms.
 
     ``options`` go to the embedding group (e.g. ``ar_alpha``, ``ar_decay`` for adamar).
+    ``sparse_params`` (tables whose gradients are sparse) get ``SPARSE_OPTIMIZERS[name]`` in an
+    ``embedding-sparse`` group; the result is then a :class:`SplitOptimizer` of that and the dense one.
     """
     key = name.lower()
     if key not in OPTIMIZERS:
@@ -51,12 +64,68 @@ def build_optimizer(
     if not lr > 0:
         raise ValueError(f"learning rate must be > 0, got {lr}")
     embedding_options = optimizer_options(key, options or {})
+    sparse = list(sparse_params)
+    if sparse:
+        check_sparse_grad(key, embedding_l2)
     groups = [
         {"params": list(embedding_params), "weight_decay": embedding_l2, "name": "embedding", **embedding_options},
         {"params": list(network_params), "weight_decay": net_l2, "name": "network"},
     ]
+    groups = [g for g in groups if g["params"]]
     # fused kernels: the same update, ~1.6x faster on CPU for large dense embedding tables
-    return OPTIMIZERS[key]([g for g in groups if g["params"]], lr=lr, fused=True)
+    dense = [OPTIMIZERS[key](groups, lr=lr, fused=True)] if groups else []
+    if not sparse:
+        return dense[0]
+    return SplitOptimizer([SPARSE_OPTIMIZERS[key]([{"params": sparse, "name": "embedding-sparse"}], lr=lr), *dense])
+
+
+def check_sparse_grad(name: str, embedding_l2: float) -> None:
+    """Refuse what sparse embedding gradients cannot do, naming the fix (raises ValueError)."""
+    key = name.lower()
+    if key not in SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"--sparse-grad has no sparse form of --optimizer {name}: its per-row decay needs every row's state "
+            f"each step; use --optimizer {' / '.join(SPARSE_OPTIMIZERS)}, or drop --sparse-grad"
+        )
+    if embedding_l2:
+        raise ValueError(
+            f"--sparse-grad cannot apply embedding L2 (--embedding-l2 {embedding_l2}, set by --schedule bars too): "
+            "weight decay touches every row, sparse updates only the looked-up ones; use --embedding-l2 0 "
+            "(and no --schedule bars), or drop --sparse-grad"
+        )
+
+
+class SplitOptimizer:
+    """Several optimisers stepped as one (the sparse tables' and the dense parameters').
+
+    ``param_groups`` lists every part's groups (so learning-rate schedules reach all), ``state_dict`` is
+    ``{"parts": [each part's state dict]}``; ``parts[0]`` owns the sparse tables.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for part in self.parts for g in part.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parts = state.get("parts") if isinstance(state, dict) else None
+        if parts is None or len(parts) != len(self.parts):
+            raise ValueError("the optimiser state was saved without --sparse-grad (or with other parts)")
+        for part, saved in zip(self.parts, parts, strict=True):
+            part.load_state_dict(saved)
 
 
 def optimizer_options(name: str, options: Mapping[str, Any]) -> dict[str, float]:
@@ -72,7 +141,7 @@ def optimizer_options(name: str, options: Mapping[str, Any]) -> dict[str, float]
     return merged
 
 
-def reset_state(optimizer: torch.optim.Optimizer, rows: Iterable[Rows]) -> None:
+def reset_state(optimizer: torch.optim.Optimizer | SplitOptimizer, rows: Iterable[Rows]) -> None:
     """Forget the optimiser's per-row state (moments, accumulators, last-update steps) of ``rows``.
 
     A parameter whose rows are all named loses its whole state, exactly as a fresh parameter
@@ -81,7 +150,15 @@ def reset_state(optimizer: torch.optim.Optimizer, rows: Iterable[Rows]) -> None:
     sums back to ``initial_accumulator_value``, AdamAR's last-update steps moved to now; the
     parameter's step count (Adam's bias correction) carries on, so the first updates of such rows
     are up to ``(1 - beta1) / sqrt(1 - beta2)`` (3.2x at the defaults) larger than a fresh table's.
+    A :class:`SplitOptimizer` is reset part by part (SparseAdam's ``exp_avg`` / ``exp_avg_sq`` as Adam's).
     """
+    rows = list(rows)
+    for part in optimizer.parts if isinstance(optimizer, SplitOptimizer) else [optimizer]:
+        _reset_part(part, rows)
+
+
+def _reset_part(optimizer: torch.optim.Optimizer, rows: list[Rows]) -> None:
+    """:func:`reset_state` for one optimiser (parameters it does not hold are skipped)."""
     named: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
     for r in rows:
         param, covered = named.setdefault(id(r.param), (r.param, torch.zeros(r.param.shape[0], dtype=torch.bool)))

@@ -34,7 +34,7 @@ from meda.ctr.features import EncodedData, FeatureMap
 from meda.ctr.metrics import classification_metrics
 from meda.ctr.models import CTRModel, build_model, model_options
 from meda.ctr.modes import Mode, Pass
-from meda.ctr.optim import build_optimizer, optimizer_options, reset_state
+from meda.ctr.optim import build_optimizer, check_sparse_grad, optimizer_options, reset_state
 from meda.ctr.schedule import decay_on_plateau
 from meda.ctr.sources import RESIDENT, BatchSource, as_source, rank_range
 from meda.report import write_json
@@ -91,6 +91,7 @@ class TrainConfig:
     compile: str = "off"  # torch.compile mode of the model's forward, see COMPILE_MODES
     resident: str = "auto"  # keep in-memory splits as tensors on the device (see meda.ctr.sources)
     embedding_backend: str = "native"  # or "torchrec": tables in an EmbeddingBagCollection (meda.ctr.torchrec_backend)
+    sparse_grad: bool = False  # sparse table gradients + a sparse optimiser for the tables (meda.ctr.optim)
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
     lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
@@ -122,6 +123,16 @@ class TrainConfig:
         for name, allowed in choices.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.sparse_grad:
+            check_sparse_grad(self.optimizer, self.embedding_l2)
+            if self.embedding_backend != "native":
+                raise ValueError(
+                    "--sparse-grad acts on the native tables; torchrec's EmbeddingBagCollection keeps its own "
+                    "gradients: use --embedding-backend native, or drop --sparse-grad"
+                )
+            if self.compile != "off":  # inductor cannot trace sparse gradients (measured: NotImplementedError)
+                raise ValueError("--sparse-grad cannot be compiled (torch.compile does not take sparse gradients): "
+                                 "use --compile off, or drop --sparse-grad")  # fmt: skip
 
 
 def build_model_options(config: TrainConfig) -> dict[str, Any]:
@@ -196,26 +207,31 @@ class Trainer:
             from meda.ctr.torchrec_backend import use_torchrec
 
             use_torchrec(self.model)
+        for layer in self.model.embedding_layers().values():  # before the groups copy the layers
+            layer.sparse = config.sparse_grad
         self.groups = EmbeddingGroups(self.model, self.mode.groups(config.epochs), config.seed)
         self.model.to(self.device)
         self.groups.to(self.device)
         self.forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.model
-        if self.world > 1:  # gradients all-reduced over ranks (DDP)
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if self.world > 1:  # gradients all-reduced over ranks (DDP; sparse tables all-reduced sparse)
+            sparse = [m.table for m in self.model.embedding_layers().values() if m.sparse and m.table is not None]
+            self.forward = distributed.data_parallel(self.model, self.device, sparse)
         if config.compile != "off":
             self.forward = torch.compile(self.forward, mode=None if config.compile == "default" else config.compile)
         self._loss_total = torch.zeros((), dtype=torch.float64, device=self.device)  # losses not yet in progress
         self._loss_steps = 0
         self._in_sync = True
+        tables = [layer.table for g in range(len(self.groups)) for layer in self.groups.layers(g)
+                  if config.sparse_grad and layer.table is not None]  # fmt: skip
         self.optimizer = build_optimizer(
             config.optimizer,
-            self.groups.parameters(),
+            [p for p in self.groups.parameters() if all(p is not t for t in tables)],
             self.model.network_parameters(),
             config.lr,
             config.embedding_l2,
             config.net_l2,
             config.optimizer_options,
+            sparse_params=tables,
         )
         self.progress = Progress()
 
@@ -452,7 +468,7 @@ class Trainer:
             raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
         ignore = {"checkpoint_every", "resident"}  # neither changes the results
-        saved = {k: v for k, v in state["config"].items() if k not in ignore}
+        saved = {"sparse_grad": False, **{k: v for k, v in state["config"].items() if k not in ignore}}  # older: dense
         now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
         if diff or state["train_rows"] != len(self.dataset.train):
