@@ -160,6 +160,13 @@ def train(
         "adagrad/sgd take them as is; the network keeps its optimiser. Refused with adamar/adagradar, "
         "--embedding-l2 / --schedule bars, --compile and the torchrec backend. SparseAdam is not Adam: docs/ctr.md.",
     ),
+    eval_auc: str = typer.Option(
+        "auto",
+        help="Validation/test AUC: exact (keeps 12 bytes per evaluated row), binned (per-class histograms of "
+        "2**16 logit bins on [-16, 16]: constant memory, error within the reported *_auc_bound, typically "
+        "below 1e-4; refused for group AUC and meda-continual), or auto (exact up to 20M rows per split, "
+        "else binned). metrics.json 'evaluation' says which was used.",
+    ),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
@@ -193,6 +200,7 @@ def train(
     torchrun --nproc-per-node N -m meda ctr train ... (gloo on CPU, NCCL on GPU; the
     --batch-size is the global batch; rank 0 writes metrics.json and checkpoints).
     Large tables: --sparse-grad (sparse table gradients, all-reduced sparse under DDP).
+    Large evaluation splits: --eval-auc binned (constant memory, histograms all-reduced).
 
     \b
     Remedies to compare MEDA with: --schedule bars (FuxiCTR's BARS protocol: embedding
@@ -225,6 +233,7 @@ def train(
             serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device, precision=precision,
             compile=compile, resident=resident, embedding_backend=embedding_backend, sparse_grad=sparse_grad,
+            eval_auc=eval_auc,
         )  # fmt: skip
         distributed.init(device)
     except (ValueError, TypeError) as err:

@@ -95,6 +95,13 @@ def sum_floats(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def sum_tensors(tensors: list[torch.Tensor]) -> None:
+    """Each tensor summed over ranks, in place (e.g. histogram counts: exact in int64)."""
+    if world() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Copy rank 0's buffers (batch-norm running statistics) to every rank before evaluating."""
     if world() > 1:

@@ -31,18 +31,21 @@ from meda.ctr.checkpoint import CHECKPOINT_NAME, ResumeError, load_checkpoint, s
 from meda.ctr.continual import SERVING, EmbeddingGroups, serve
 from meda.ctr.embedding import EmbeddingInit
 from meda.ctr.features import EncodedData, FeatureMap
-from meda.ctr.metrics import classification_metrics
+from meda.ctr.metrics import AUC_BINS, AUC_LOGIT_RANGE, BinnedMetrics, classification_metrics
 from meda.ctr.models import CTRModel, build_model, model_options
 from meda.ctr.modes import Mode, Pass
 from meda.ctr.optim import build_optimizer, check_sparse_grad, optimizer_options, reset_state
 from meda.ctr.schedule import decay_on_plateau
 from meda.ctr.sources import RESIDENT, BatchSource, as_source, rank_range
+from meda.ctr.stream import StreamedSplit
 from meda.report import write_json
 
 MONITORS = ("valid_auc", "valid_logloss", "valid_gauc")
 PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")  # reduce-overhead: CUDA graphs
 EMBEDDING_BACKENDS = ("native", "torchrec")
+EVAL_AUC = ("auto", "exact", "binned")  # auto: exact up to EXACT_AUC_MAX_ROWS evaluated rows per split, else binned
+EXACT_AUC_MAX_ROWS = 20_000_000  # exact AUC keeps 12 bytes a row (label + float64 logit): 240 MB here
 
 
 class DatasetLike(Protocol):
@@ -92,6 +95,7 @@ class TrainConfig:
     resident: str = "auto"  # keep in-memory splits as tensors on the device (see meda.ctr.sources)
     embedding_backend: str = "native"  # or "torchrec": tables in an EmbeddingBagCollection (meda.ctr.torchrec_backend)
     sparse_grad: bool = False  # sparse table gradients + a sparse optimiser for the tables (meda.ctr.optim)
+    eval_auc: str = "auto"  # exact (every logit kept), binned (histograms, constant memory) or auto, see EVAL_AUC
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
     lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
@@ -119,10 +123,15 @@ class TrainConfig:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (or None), got {self.lr_plateau_factor}")
         resolve_device(self.device)  # validates the name
         choices = {"precision": PRECISIONS, "compile": COMPILE_MODES, "resident": RESIDENT,
-                   "embedding_backend": EMBEDDING_BACKENDS}  # fmt: skip
+                   "embedding_backend": EMBEDDING_BACKENDS, "eval_auc": EVAL_AUC}  # fmt: skip
         for name, allowed in choices.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if self.eval_auc == "binned" and Mode(self.mode).chunked:
+            raise ValueError(
+                "--eval-auc binned cannot evaluate meda-continual: serving (best, ensemble) and progressive "
+                "validation need every row's logits; use --eval-auc exact or auto"
+            )
         if self.sparse_grad:
             check_sparse_grad(self.optimizer, self.embedding_l2)
             if self.embedding_backend != "native":
@@ -200,6 +209,12 @@ class Trainer:
         self.sources = {name: as_source(getattr(dataset, name), self.device, config.resident)
                         for name in ("valid", "test", *(() if self.mode.chunked else ("train",)))}  # fmt: skip
         self.chunks = [as_source(c, self.device, config.resident) for c in self._chunks()] if self.mode.chunked else []
+        self._grouped = any(_has_groups(self.sources[s]) for s in ("valid", "test"))  # group AUC (gauc) is asked for
+        if config.eval_auc == "binned" and self._grouped:
+            raise ValueError(
+                "--eval-auc binned cannot compute the group AUC (gauc) of a data set with a group column: it needs "
+                "every row's logit and group; use --eval-auc exact or auto (exact), or drop the group column"
+            )
         self.plan = self.mode.plan(config.epochs, len(self.chunks))
         torch.manual_seed(config.seed)  # the same seed on every rank: identical initial tables and network
         self.model: CTRModel = build_model(config.model, dataset.feature_map, **build_model_options(config))
@@ -334,6 +349,16 @@ class Trainer:
             self._loss_steps = 0
 
     def _close_epoch(self) -> None:
+        p = self.progress
+        if len(self.groups) == 1:  # each split on its own, exact or binned (see _auc_method)
+            for split in ("valid", "test"):
+                p.record.update({f"{split}_{k}": v for k, v in self._metrics(self.sources[split]).items()})
+        else:
+            self._close_epoch_groups()
+        self._finish_epoch()
+
+    def _close_epoch_groups(self) -> None:
+        """Metrics of meda-continual's served logits (exact: serving needs every row's logit per group)."""
         p, cfg = self.progress, self.config
         valid, test = self.sources["valid"], self.sources["test"]
         valid_groups = self.groups.logits_per_group(lambda: self.predict(valid))
@@ -344,10 +369,13 @@ class Trainer:
         for split, data, per_group in (("valid", valid, valid_groups), ("test", test, test_groups)):
             m = classification_metrics(data.label, serve(per_group, cfg.serving, p.best_group), data.group)
             record.update({f"{split}_{k}": v for k, v in m.items()})
-        if len(self.groups) > 1:
-            record["group_valid_auc"] = group_auc
-            record["serving"] = {policy: self._serving_metrics(policy, valid_groups, test_groups)
-                                 for policy in SERVING}  # fmt: skip
+        record["group_valid_auc"] = group_auc
+        record["serving"] = {policy: self._serving_metrics(policy, valid_groups, test_groups)
+                             for policy in SERVING}  # fmt: skip
+
+    def _finish_epoch(self) -> None:
+        p, cfg = self.progress, self.config
+        record = p.record
         self._sync_loss()
         loss_sum, loss_count = distributed.sum_floats([p.loss_sum, p.loss_count], self.device)
         record["train_loss"] = loss_sum / max(loss_count, 1)
@@ -374,6 +402,18 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
+    def _evaluate(self, source: BatchSource, consume: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """``consume(labels, logits)`` (``[rows]`` each, on the device) for every evaluation batch of this
+        rank's row range, the model (active embedding group) in eval mode; nothing waits for the device."""
+        was_training = self.model.training
+        self.model.eval()
+        distributed.broadcast_buffers(self.model)  # rank 0's batch-norm statistics
+        for b in source.eval_batches(self.config.eval_batch_size, self.rank, self.world):
+            with self._autocast():
+                logits = self.model(b).float()
+            consume(b["label"], logits)
+        self.model.train(was_training)
+
     def predict(self, data: EncodedData | BatchSource) -> np.ndarray:
         """Click logits ``[rows]`` of the model (active embedding group) on ``data``.
 
@@ -381,16 +421,30 @@ class Trainer:
         torchrun each rank predicts its row range and every rank gets all of them.
         """
         source = as_source(data, self.device, self.config.resident)
-        was_training = self.model.training
-        self.model.eval()
-        distributed.broadcast_buffers(self.model)  # rank 0's batch-norm statistics
-        with self._autocast():
-            batches = source.eval_batches(self.config.eval_batch_size, self.rank, self.world)
-            out = [self.model(b).float() for b in batches]
-        self.model.train(was_training)
+        out: list[torch.Tensor] = []
+        self._evaluate(source, lambda _, logits: out.append(logits))
         local = torch.cat(out) if out else torch.zeros(0, device=self.device)
         counts = [hi - lo for lo, hi in (rank_range(len(source), r, self.world) for r in range(self.world))]
         return distributed.gather_rows(local, counts).double().cpu().numpy()
+
+    def _auc_method(self, source: BatchSource) -> str:
+        """``exact`` or ``binned`` for one split: ``auto`` is exact up to EXACT_AUC_MAX_ROWS rows, and
+        always for group AUC and meda-continual (both need every row's logit)."""
+        method = self.config.eval_auc
+        if method != "auto":
+            return method
+        exact = len(source) <= EXACT_AUC_MAX_ROWS or self._grouped or self.mode.chunked
+        return "exact" if exact else "binned"
+
+    def _metrics(self, source: BatchSource) -> dict[str, float]:
+        """``{"auc", "logloss"}`` (+ ``"gauc"`` with groups) of the model on one split; binned adds
+        ``"auc_bound"``, the bound on its distance to the exact AUC (:class:`BinnedMetrics`)."""
+        if self._auc_method(source) == "exact":
+            return classification_metrics(source.label, self.predict(source), source.group)
+        binned = BinnedMetrics(device=self.device)  # constant memory: two histograms and a loss sum
+        self._evaluate(source, binned.update)
+        distributed.sum_tensors([binned.counts, binned.loss])  # every rank's rows
+        return binned.compute()
 
     def _served_metrics(self, data: BatchSource) -> dict[str, float]:
         per_group = self.groups.logits_per_group(lambda: self.predict(data))
@@ -433,9 +487,20 @@ class Trainer:
             "stopped_early": self.progress.stopped_early,
             "timing": self.progress.timing,
             "distributed": {"world_size": self.world, "replicas_identical": self._in_sync},
+            "evaluation": self._evaluation_note(),
             "config": asdict(self.config),
             "data": self.dataset.report,
         })
+
+    def _evaluation_note(self) -> dict[str, Any]:
+        """How each split's AUC was computed (metrics.json ``evaluation``)."""
+        methods = {split: self._auc_method(self.sources[split]) for split in ("valid", "test")}
+        note: dict[str, Any] = {"auc": methods, "eval_auc": self.config.eval_auc,
+                                "exact_auc_max_rows": EXACT_AUC_MAX_ROWS}  # fmt: skip
+        if "binned" in methods.values():
+            memory = "constant: int64 logit histograms per class (1 MiB); AUC within *_auc_bound"
+            note.update(auc_bins=AUC_BINS, auc_logit_range=list(AUC_LOGIT_RANGE), memory=memory)
+        return note
 
     # ------------------------------------------------------------- checkpoints
     def _chunks(self) -> list[EncodedData | BatchSource]:
@@ -468,7 +533,8 @@ class Trainer:
             raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
         ignore = {"checkpoint_every", "resident"}  # neither changes the results
-        saved = {"sparse_grad": False, **{k: v for k, v in state["config"].items() if k not in ignore}}  # older: dense
+        older = {"sparse_grad": False, "eval_auc": "auto"}  # what a checkpoint written before these options ran
+        saved = {**older, **{k: v for k, v in state["config"].items() if k not in ignore}}
         now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
         if diff or state["train_rows"] != len(self.dataset.train):
@@ -544,6 +610,11 @@ def _check_rows(dataset: DatasetLike) -> None:
                 f"the {name} split has no usable rows (rows read: {dataset.report.get('rows_read', '?')}, "
                 f"skipped: {skipped or 'none'}); check --format and the schema, or give more rows"
             )
+
+
+def _has_groups(source: BatchSource) -> bool:
+    """Whether a split has a group column, without reading a streamed split's column."""
+    return "group" in source.arrays if isinstance(source, StreamedSplit) else source.group is not None
 
 
 def _defined(value: Any) -> bool:
