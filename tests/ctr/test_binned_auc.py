@@ -21,6 +21,7 @@ from meda.cli import app
 from meda.ctr import synthetic
 from meda.ctr import train as train_module
 from meda.ctr.metrics import AUC_BINS, AUC_LOGIT_RANGE, BinnedMetrics, auc, binned_auc, logloss, sigmoid
+from meda.ctr.sources import InMemorySource
 from meda.ctr.train import TrainConfig, Trainer, train
 
 WIDTH = (AUC_LOGIT_RANGE[1] - AUC_LOGIT_RANGE[0]) / AUC_BINS
@@ -108,6 +109,28 @@ def test_training_binned_matches_exact(dataset, tmp_path: Path) -> None:
     assert exact["evaluation"]["auc"] == {"valid": "exact", "test": "exact"}  # auto/exact: small splits
     note = json.loads((tmp_path / "metrics.json").read_text())["evaluation"]
     assert note["auc"] == {"valid": "binned", "test": "binned"} and note["auc_bins"] == AUC_BINS
+
+
+def test_binned_evaluation_keeps_no_row_of_the_split(dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constant memory: binned evaluation never gathers logits nor reads a split's label array."""
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("binned evaluation must not hold every row")
+
+    monkeypatch.setattr(Trainer, "predict", refuse)
+    monkeypatch.setattr(InMemorySource, "label", property(refuse))
+    result = train(dataset, TrainConfig(mode="multi-epoch", eval_auc="binned", **{**FAST, "epochs": 1}))
+    assert result["epochs"][0]["test_auc"] > 0.6
+
+
+def test_more_bins_tighten_the_bound(dataset) -> None:
+    one_epoch = {**FAST, "epochs": 1}
+    runs = {b: train(dataset, TrainConfig(eval_auc="binned", eval_auc_bins=b, **one_epoch)) for b in (2**12, 2**20)}
+    coarse, fine = (runs[b]["epochs"][0] for b in (2**12, 2**20))
+    assert fine["test_auc_bound"] < coarse["test_auc_bound"]
+    assert runs[2**20]["evaluation"]["auc_bins"] == 2**20
+    with pytest.raises(ValueError, match="eval_auc_bins"):
+        TrainConfig(eval_auc_bins=1)
 
 
 def test_auto_switches_to_binned_above_the_row_bound(dataset, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -167,6 +167,9 @@ def train(
         "below 1e-4; refused for group AUC and meda-continual), or auto (exact up to 20M rows per split, "
         "else binned). metrics.json 'evaluation' says which was used.",
     ),
+    eval_auc_bins: int = typer.Option(
+        65536, help="Binned AUC: logit bins per class (16 bytes each); more bins, smaller error bound."
+    ),
     checkpoint_every: int = typer.Option(0, help="Also checkpoint every N steps (0: epoch ends only)."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out (same settings)."),
     plot: bool = typer.Option(False, help="Write out/test_auc.png (test AUC per epoch, one line per mode)."),
@@ -233,7 +236,7 @@ def train(
             serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device, precision=precision,
             compile=compile, resident=resident, embedding_backend=embedding_backend, sparse_grad=sparse_grad,
-            eval_auc=eval_auc,
+            eval_auc=eval_auc, eval_auc_bins=eval_auc_bins,
         )  # fmt: skip
         distributed.init(device)
     except (ValueError, TypeError) as err:

@@ -96,6 +96,7 @@ class TrainConfig:
     embedding_backend: str = "native"  # or "torchrec": tables in an EmbeddingBagCollection (meda.ctr.torchrec_backend)
     sparse_grad: bool = False  # sparse table gradients + a sparse optimiser for the tables (meda.ctr.optim)
     eval_auc: str = "auto"  # exact (every logit kept), binned (histograms, constant memory) or auto, see EVAL_AUC
+    eval_auc_bins: int = AUC_BINS  # binned AUC: logit bins per class (16 bytes each on the device, both classes)
     model_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # embedding group, e.g. ar_alpha (adamar)
     lr_plateau_factor: float | None = None  # multiply the LR by this after an epoch without improvement (BARS: 0.1)
@@ -127,6 +128,8 @@ class TrainConfig:
         for name, allowed in choices.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if not 2 <= self.eval_auc_bins <= 2**24:
+            raise ValueError(f"eval_auc_bins must be in [2, 2**24] (2**24 bins: 256 MiB), got {self.eval_auc_bins}")
         if self.eval_auc == "binned" and Mode(self.mode).chunked:
             raise ValueError(
                 "--eval-auc binned cannot evaluate meda-continual: serving (best, ensemble) and progressive "
@@ -441,7 +444,7 @@ class Trainer:
         ``"auc_bound"``, the bound on its distance to the exact AUC (:class:`BinnedMetrics`)."""
         if self._auc_method(source) == "exact":
             return classification_metrics(source.label, self.predict(source), source.group)
-        binned = BinnedMetrics(device=self.device)  # constant memory: two histograms and a loss sum
+        binned = BinnedMetrics(self.config.eval_auc_bins, device=self.device)  # two histograms and a loss sum
         self._evaluate(source, binned.update)
         distributed.sum_tensors([binned.counts, binned.loss])  # every rank's rows
         return binned.compute()
@@ -498,8 +501,9 @@ class Trainer:
         note: dict[str, Any] = {"auc": methods, "eval_auc": self.config.eval_auc,
                                 "exact_auc_max_rows": EXACT_AUC_MAX_ROWS}  # fmt: skip
         if "binned" in methods.values():
-            memory = "constant: int64 logit histograms per class (1 MiB); AUC within *_auc_bound"
-            note.update(auc_bins=AUC_BINS, auc_logit_range=list(AUC_LOGIT_RANGE), memory=memory)
+            bins = self.config.eval_auc_bins
+            memory = f"constant: int64 logit histograms per class ({16 * bins / 2**20:g} MiB); AUC within *_auc_bound"
+            note.update(auc_bins=bins, auc_logit_range=list(AUC_LOGIT_RANGE), memory=memory)
         return note
 
     # ------------------------------------------------------------- checkpoints
@@ -533,7 +537,7 @@ class Trainer:
             raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
         ignore = {"checkpoint_every", "resident"}  # neither changes the results
-        older = {"sparse_grad": False, "eval_auc": "auto"}  # what a checkpoint written before these options ran
+        older = {"sparse_grad": False, "eval_auc": "auto", "eval_auc_bins": AUC_BINS}  # checkpoints from before these
         saved = {**older, **{k: v for k, v in state["config"].items() if k not in ignore}}
         now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
