@@ -40,7 +40,7 @@ def test_chunked_prefill_exact_at_full_budget(method: str, batch: int) -> None:
     t = tiny()
     inputs = t.inputs(batch, lengths=[96, 84][:batch])
     ref = greedy(t.model, inputs)
-    opts = {"window": 8} if method in ("snapkv", "adakv", "pyramidkv") else {}
+    opts = {"window": 8} if method in ("snapkv", "adakv", "pyramidkv", "meda") else {}
     with compress(t.model, method, 1.0, **opts) as report:
         out = greedy(t.model, inputs, prefill_chunk_size=40)
     assert torch.equal(out, ref)

@@ -104,10 +104,12 @@ METHODS: dict[str, Recipe | None] = {
         allocator="entropy", scorer="cumulative", text_priority=True, recent_window=32, merge="average"
     ),
     # the recommended MEDA (docs/results.md): budgets from a tempered entropy with a floor of half the
-    # budget, the paper's cumulative score, text first; evicted pairs dropped (no merge helped here)
+    # budget, text first, evicted pairs dropped (no merge helped here), and SnapKV's window score: on
+    # SmolLM2's text tasks it is closer to the full cache than the paper's cumulative score, on the VLM
+    # about as close, and it needs no all-query statistics (docs/results.md, "Choosing the scorer")
     "meda": Recipe(
         allocator="entropy",
-        scorer="cumulative",
+        scorer="window",
         text_priority=True,
         recent_window=32,
         tau=4.0,
