@@ -36,7 +36,8 @@ import json, resource, sys
 from meda.ctr.data import load_dataset
 from meda.ctr.train import TrainConfig, train
 ds = load_dataset(sys.argv[1], "parquet", cache_dir=sys.argv[2], shuffle_rows=int(sys.argv[3]))
-cfg = TrainConfig(model=sys.argv[4], mode="one-epoch", batch_size=int(sys.argv[5]), embedding_dim=10)
+cfg = TrainConfig(model=sys.argv[4], mode="one-epoch", batch_size=int(sys.argv[5]), embedding_dim=10,
+                  eval_auc=sys.argv[6])
 m = train(ds, cfg)
 print(json.dumps({"train_rows": m["timing"][0]["train_rows"], "train_seconds": m["timing"][0]["train_seconds"],
                   "samples_per_s": m["timing"][0]["samples_per_s"], "test_auc": m["epochs"][0]["test_auc"],
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--model", default="dnn")
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--shuffle-rows", type=int, default=500_000)
+    ap.add_argument("--eval-auc", default="auto", choices=("auto", "exact", "binned"), help="as meda ctr train's")
     ap.add_argument("--out", type=Path, required=True, help="folder: result.json, result.md, shards, caches")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,8 @@ def main() -> None:
             lines.append(f"| encode (2 passes) | {r['shards']} | {r['rows_read']:,} | {r['seconds']:.0f} | "
                          f"{rate:,.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
         for r in results["train"]:
-            lines.append(f"| train 1 epoch ({args.model}, batch {args.batch_size}) | {r['shards']} | "
+            label = f"train 1 epoch ({args.model}, batch {args.batch_size}, AUC {r.get('eval_auc', 'auto')})"
+            lines.append(f"| {label} | {r['shards']} | "
                          f"{r['train_rows']:,} | {r['train_seconds']:.0f} | {r['samples_per_s']:,} | "
                          f"{r['peak_rss_mb']:.0f} |")  # fmt: skip
         (args.out / "result.md").write_text("\n".join(lines) + "\n")
@@ -101,8 +104,8 @@ def main() -> None:
         folder = shard_dir(args.source, n, args.out)
         cache = str(args.out / f"cache_{n}")
         run(ENCODE, str(folder), cache, str(args.shuffle_rows))  # encoded (or cached) first: training alone is timed
-        r = run(TRAIN, str(folder), cache, str(args.shuffle_rows), args.model, str(args.batch_size))
-        results["train"].append({"shards": n, **r})
+        r = run(TRAIN, str(folder), cache, str(args.shuffle_rows), args.model, str(args.batch_size), args.eval_auc)
+        results["train"].append({"shards": n, "eval_auc": args.eval_auc, **r})
         save()
 
 
