@@ -258,7 +258,9 @@ def train(
         results = run_modes(dataset, modes, config, out, plot=plot, resume=resume, log=log)
     except ResumeError as err:
         raise typer.BadParameter(str(err), param_hint="--resume") from err
-    if not distributed.is_main():
+    main = distributed.is_main()
+    distributed.finish()
+    if not main:
         return
     if json_out:
         print_json(results if len(modes) > 1 else results[modes[0]])

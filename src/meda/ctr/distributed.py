@@ -54,6 +54,17 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def finish() -> None:
+    """Leave the process group once every rank is done (no-op in one process).
+
+    A gloo group left to the interpreter's exit can abort a rank at shutdown ("terminate called without
+    an active exception", seen in CI after a finished run); destroying it after a barrier avoids that.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
