@@ -162,23 +162,21 @@ def merge_evicted(
 
     count = sum_w[..., 0]  # [B, H, K] merged tokens per slot
     # Every mode is k' = (1 - share) k + share * (mean of what the slot absorbed), share <= cap.
+    use_scores = torch.zeros_like(count, dtype=torch.bool)  # [B, H, K] absorbed mean weighted by scores (the
+    # last weighting column; without scores there is one column)
     if mode == "weighted":
         own = scores.gather(-1, selection.indices).masked_fill(~slot_mask, 0.0)  # [B, H, K]
         weight = own + sum_w[..., 1]
         use_scores = weight > 0  # a group whose weights sum to 0 falls back to average
-        absorbed_w = torch.where(use_scores, sum_w[..., 1], count)
         share = torch.where(use_scores, sum_w[..., 1] / weight.clamp_min(1e-30), count / (1.0 + count))
-        column = torch.where(use_scores, 1, 0)  # which weighting the absorbed mean uses
     else:
-        absorbed_w = count
         share = count / (1.0 + count) if mode == "average" else torch.full_like(count, 0.5)
-        column = torch.zeros_like(count, dtype=torch.long)
     if cap is not None:
         share = share.clamp_max(cap)
+    absorbed_w = torch.where(use_scores, sum_w[..., -1], count).clamp_min(1e-30)[..., None]
     merged = []
     for kept, total in ((kept_k.float(), sum_k), (kept_v.float(), sum_v)):
-        picked = total.gather(3, column[..., None, None].expand(*column.shape, 1, total.shape[-1]))[..., 0, :]
-        absorbed_mean = picked / absorbed_w.clamp_min(1e-30)[..., None]
+        absorbed_mean = torch.where(use_scores[..., None], total[..., -1, :], total[..., 0, :]) / absorbed_w
         merged.append((1.0 - share[..., None]) * kept + share[..., None] * absorbed_mean)
     changed = (slot_mask & (count > 0))[..., None]
     k = torch.where(changed, merged[0].to(keys.dtype), kept_k) if merge_keys else kept_k

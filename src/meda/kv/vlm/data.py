@@ -50,8 +50,6 @@ ITEM_NAMES = (*(item.describe() for item in ITEMS), "empty")
 _ITEM_INDEX = {name: i for i, name in enumerate(ITEM_NAMES)}
 
 
-MM_TASKS = ("mm-needle", "mm-count", "mm-order", "mm-assoc")
-
 # name -> (make, weight in the training mix)
 TRAIN_TASKS: dict[str, tuple[Callable[[int, int], Sample], float]] = {
     "describe": (make_describe, 0.2),

@@ -38,7 +38,7 @@ from meda.kv.vlm.architecture import (
     load_trainable,
     trainable_state,
 )
-from meda.kv.vlm.data import ITEM_NAMES, MM_TASKS, TRAIN_TASKS, Batch, BatchStream
+from meda.kv.vlm.data import ITEM_NAMES, TRAIN_TASKS, Batch, BatchStream
 from meda.kv.vlm.weights import read_shipped, save_shipped
 
 
@@ -338,7 +338,7 @@ def final_accuracy(model: Any, processor: Any, args: argparse.Namespace, out: Pa
     """Held-out full-cache accuracy of the trained (unmerged) model at ``--max-images`` images per task,
     through the evaluation harness (``meda kv eval``'s loop; held-out seeds ``0..eval_samples-1``)."""
     from meda.kv.eval.harness import evaluate
-    from meda.kv.eval.tasks import get_task
+    from meda.kv.eval.tasks import all_tasks
 
     model.eval()
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
@@ -346,7 +346,7 @@ def final_accuracy(model: Any, processor: Any, args: argparse.Namespace, out: Pa
             model,
             processor,
             model_name="meda-vlm-mini (training run)",
-            tasks=[get_task(name) for name in MM_TASKS],
+            tasks=[task for task in all_tasks().values() if task.kind == "multimodal"],
             methods=["full"],
             budgets=[],
             samples=args.eval_samples,
