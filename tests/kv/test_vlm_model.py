@@ -206,12 +206,35 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
         "1",
         "--device",
         "cpu",
+        "--vision-steps",
+        "1",
     ]
     assert train.main([*common, "--max-steps", "1"])["steps"] == 1
     assert (tmp_path / "ckpt" / "state.pt").is_file() and (tmp_path / "meda-vlm-mini" / "lora.safetensors").is_file()
     assert train.main([*common, "--max-steps", "2", "--resume"])["steps"] == 2
     events = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" and e["step"] == 1 for e in events)
+    steps = [e for e in events if "step" in e and "loss" in e]
+    assert set(steps[0]["loss"]) == {"vision"} and "vision" not in steps[1]["loss"]  # vision-only step first
+
+
+def test_alignment_separates_targets_that_nearly_coincide() -> None:
+    """Tokens on their own targets score 1.0 and a small loss; tokens moved to a near neighbour (0.1 spread
+    away, like SmolLM2's digit tokens) score 0.0 and a much larger loss, driven by the classifier term."""
+    from meda.kv.vlm.train import align_loss, vision_accuracy
+
+    torch.manual_seed(0)
+    colours = torch.randn(3, 16) * 4
+    base = torch.randn(16) * 4
+    kinds = base + torch.randn(4, 16)  # four kinds, about 0.1 spread apart
+    targets = torch.stack([torch.stack([colours[c], kinds[k]]) for c in range(3) for k in range(4)])  # [12, 2, 16]
+    items = torch.arange(12)
+    right = targets[items].repeat_interleave(3, 1)  # [12, 6, 16]: 3 tokens per half
+    wrong = targets[(items // 4) * 4 + (items + 1) % 4].repeat_interleave(3, 1)  # same colour, next kind
+    assert vision_accuracy(right, items, targets) == 1.0
+    assert vision_accuracy(wrong, items, targets) == 0.0
+    good, bad = align_loss(right, items, targets), align_loss(wrong, items, targets)
+    assert good < 0.05 and bad > 50 * good
 
 
 @needs_smollm2
