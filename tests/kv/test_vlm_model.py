@@ -163,6 +163,58 @@ def test_training_batches_use_training_seeds_only_and_mark_the_answer(processor,
     assert data.make_batch(processor, 0, 3, 8, 2000).input_ids.equal(batch.input_ids)  # same index, same batch
 
 
+@pytest.mark.parametrize("task", ["describe", "mm-needle", "mm-count", "mm-order", "mm-assoc"])
+def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(processor, task) -> None:
+    """A training row with follow-up questions is exactly the chat template's multi-turn conversation, and
+    every follow-up answer is what the sample's images show (checked from its metadata, not the generator)."""
+    import random
+    from collections import Counter
+
+    from meda.kv.eval.inputs import sample_inputs
+    from meda.kv.vlm import data
+
+    make = data.TRAIN_TASKS[task][0]
+    for seed in range(3):
+        sample = make(TRAIN_SEED_START + seed, 12)
+        turns = data.follow_ups(task, sample, random.Random(seed), 5)
+        assert turns and len({q for q, _ in turns}) == len(turns) and all(not sample.text.endswith(q) for q, _ in turns)
+        names, tally = sample.meta["items"], Counter(sample.meta["items"])
+        for question, answer in turns:
+            if task == "mm-needle":
+                assert names[int(answer) - 1] in question and tally[names[int(answer) - 1]] == 1
+            elif task == "mm-count":
+                assert sum(name is not None and f"a {name}?" in question for name in names) == int(answer)
+            elif task == "mm-assoc":
+                assert names[sample.meta["words"].index(answer)] in question
+            elif task == "mm-order":
+                kinds = [name.split()[-1] for name in sample.meta["events"].values()]
+                assert answer == (kinds[0] if "first" in question else kinds[-1])
+                assert sample.meta["which"] not in question
+            else:
+                assert names[int(question.split()[3]) - 1] == answer
+        if task == "mm-count":
+            assert sum(answer == "1" for _, answer in turns) <= 1
+        messages = [{"role": "user", "content": sample.text.replace("<image>", IMAGE_TOKEN)}]
+        messages.append({"role": "assistant", "content": sample.answer})
+        for question, answer in turns:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        rendered = processor.tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = sample_inputs(processor, sample)["input_ids"][0].tolist()
+        row, spans = data.conversation(processor.tokenizer, prompt, sample.answer, turns)
+        assert processor.tokenizer.decode(row).replace(IMAGE_TOKEN * TOKENS_PER_IMAGE, IMAGE_TOKEN) == rendered.rstrip()
+        replies = [processor.tokenizer.decode(row[a:b]) for a, b in spans]
+        assert replies == [f"{answer}<|im_end|>" for answer in [sample.answer] + [a for _, a in turns]]
+
+
+def test_training_batch_targets_every_turn(processor) -> None:
+    from meda.kv.vlm import data
+
+    batch = data.make_batch(processor, 0, 3, 8, 2000, questions=4)
+    ends = processor.tokenizer.decode(batch.targets).count("<|im_end|>")
+    assert batch.input_ids.shape[0] < ends <= 4 * batch.input_ids.shape[0]
+    assert torch.equal(batch.input_ids.flatten()[batch.positions + 1], batch.targets)
+
+
 def test_shipped_weights_are_in_the_package_and_small() -> None:
     for name in WEIGHT_FILES:
         size = (SHIPPED_DIR / name).stat().st_size

@@ -251,6 +251,25 @@ def _other(rng: random.Random, exclude: Item) -> Item:
             return item
 
 
+def needle_question(item: Item) -> str:
+    return f"Which image shows a {item.describe()}? Answer with the image number only."
+
+
+def count_question(item: Item) -> str:
+    return f"How many images show a {item.describe()}? Answer with a number only."
+
+
+def order_question(named: list[str], which: str) -> str:
+    return (
+        f"These are the frames of a video, in order. A {named[0]}, a {named[1]} and a {named[2]} each appear in "
+        f"one frame. Which shape appeared {which}? Answer with one word."
+    )
+
+
+def assoc_question(item: Item) -> str:
+    return f"Which word is paired with the image of the {item.describe()}? Answer with the word only."
+
+
 def make_needle(seed: int, size: int) -> Sample:
     """``size`` images of random items; exactly one shows the target item."""
     _check_size(size)
@@ -259,9 +278,7 @@ def make_needle(seed: int, size: int) -> Sample:
     where = rng.randrange(size)
     items = [target if i == where else _other(rng, target) for i in range(size)]
     placements = [random_placement(rng) for _ in items]
-    text = _labelled([""] * size, "Image") + (
-        f"Which image shows a {target.describe()}? Answer with the image number only."
-    )
+    text = _labelled([""] * size, "Image") + needle_question(target)
     return _sample(text, str(where + 1), items, placements, {"target": target.describe(), "position": where + 1})
 
 
@@ -277,7 +294,7 @@ def make_count(seed: int, size: int) -> Sample:
     where = set(rng.sample(range(size), count))
     items = [target if i in where else _other(rng, target) for i in range(size)]
     placements = [random_placement(rng) for _ in items]
-    text = _labelled([""] * size, "Image") + (f"How many images show a {target.describe()}? Answer with a number only.")
+    text = _labelled([""] * size, "Image") + count_question(target)
     return _sample(text, str(count), items, placements, {"target": target.describe(), "count": count})
 
 
@@ -300,11 +317,8 @@ def make_order(seed: int, size: int) -> Sample:
     which = rng.choice(["first", "last"])
     answer = kinds[0] if which == "first" else kinds[-1]
     named = rng.sample(kinds, 3)
-    text = _labelled([""] * size, "Frame") + (
-        f"These are the frames of a video, in order. A {named[0]}, a {named[1]} and a {named[2]} each appear in "
-        f"one frame. Which shape appeared {which}? Answer with one word."
-    )
-    meta = {"events": {str(f + 1): events[f].describe() for f in frames}, "which": which}
+    text = _labelled([""] * size, "Frame") + order_question(named, which)
+    meta = {"events": {str(f + 1): events[f].describe() for f in frames}, "which": which, "named": named}
     return _sample(text, answer, items, placements, meta, balls)
 
 
@@ -325,10 +339,9 @@ def make_assoc(seed: int, size: int) -> Sample:
     words = rng.sample(WORDS, size)
     placements = [random_placement(rng) for _ in items]
     where = rng.randrange(size)
-    text = _labelled([""] * size, "Image", [f" word: {w}" for w in words]) + (
-        f"Which word is paired with the image of the {items[where].describe()}? Answer with the word only."
-    )
-    return _sample(text, words[where], items, placements, {"target": items[where].describe(), "position": where + 1})
+    text = _labelled([""] * size, "Image", [f" word: {w}" for w in words]) + assoc_question(items[where])
+    meta = {"target": items[where].describe(), "position": where + 1, "words": words}
+    return _sample(text, words[where], items, placements, meta)
 
 
 def _sample(

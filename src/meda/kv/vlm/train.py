@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="training tasks (comma-separated)")
     p.add_argument("--describe-first", type=int, default=100, help="batches of the describe task before the mix")
     p.add_argument(
+        "--questions",
+        type=int,
+        default=8,
+        help="question-answer turns per training sample: the task's question, then follow-ups on the same images",
+    )
+    p.add_argument(
         "--norm-weight",
         type=float,
         default=1.0,
@@ -291,7 +297,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
-    stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first)
+    stream = BatchStream(
+        processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first, args.questions
+    )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
     )
