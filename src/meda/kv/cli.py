@@ -55,7 +55,9 @@ def _number_or_text(name: str, v: str) -> object:
 @app.command()
 def run(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message (use @file.txt to read a file)."),
-    model: str = typer.Option("smollm2-135m", help="Local path, cached hub id, or the built-in 'smollm2-135m'."),
+    model: str = typer.Option(
+        "smollm2-135m", help="Local path, cached hub id, or a built-in: smollm2-135m, gemma3-270m, meda-vlm-mini."
+    ),
     method: str = typer.Option("meda", help=METHOD_HELP),
     budget: str = typer.Option(
         "0.2", help="Kept share of the prompt's KV cache: a fraction in (0, 1] such as 0.2, or an int (tokens/layer)."
@@ -201,7 +203,9 @@ def eval_(
         ..., "--task", "-t", help="Comma list: passkey, multikey, vartrack (text), mm-needle, mm-count, mm-order, "
         "mm-assoc (multimodal), or milebench:PATH (MileBench data: a TASK/TASK.json folder or a root of them)."
     ),
-    model: str = typer.Option("smollm2-135m", help="smollm2-135m, meda-vlm-mini, a local path or a cached hub id."),
+    model: str = typer.Option(
+        "smollm2-135m", help="smollm2-135m, gemma3-270m, meda-vlm-mini, a local path or a cached hub id."
+    ),
     methods: str = typer.Option(
         "full,snapkv,meda",
         help=f"Comma list of {METHOD_HELP}; with options use ';' between methods, e.g. 'snapkv;meda:tau=4,merge=none'.",
