@@ -62,7 +62,47 @@ _ITEM_INDEX = {name: i for i, name in enumerate(ITEM_NAMES)}
 _BY_NAME = {item.describe(): item for item in ITEMS}
 
 
-def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> list[tuple[str, str]]:
+QA = tuple[str, str]
+
+
+def _order_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    other = "last" if sample.meta["which"] == "first" else "first"
+    kinds = [_BY_NAME[name].kind for name in sample.meta["events"].values()]  # in frame order
+    return [(order_question(rng.sample(kinds, 3), other), kinds[0] if other == "first" else kinds[-1])]
+
+
+def _describe_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    return [(describe_question(i), name) for i, name in enumerate(sample.meta["items"])]
+
+
+def _needle_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    names = sample.meta["items"]
+    tally = Counter(names)
+    return [(needle_question(_BY_NAME[n]), str(i + 1)) for i, n in enumerate(names) if tally[n] == 1]
+
+
+def _count_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    low, high = COUNT_RANGE
+    tally = Counter(sample.meta["items"])
+    return [(count_question(_BY_NAME[n]), str(c)) for n, c in tally.items() if n and low <= c <= high]
+
+
+def _assoc_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    pairs = zip(sample.meta["items"], sample.meta["words"], strict=True)
+    return [(assoc_question(_BY_NAME[n]), w) for n, w in pairs]
+
+
+# task -> every (question, answer) the task could ask about a sample's images
+_FOLLOW_UP_POOLS: dict[str, Callable[[Sample, random.Random], list[QA]]] = {
+    "describe": _describe_pool,
+    "mm-needle": _needle_pool,
+    "mm-count": _count_pool,
+    "mm-order": _order_pool,
+    "mm-assoc": _assoc_pool,
+}
+
+
+def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> list[QA]:
     """Up to ``count`` more ``(question, answer)`` turns on the same images, each a question the task itself
     asks, with its exact answer, other than the one ``sample`` asks (training only).
 
@@ -70,24 +110,9 @@ def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> lis
     targets; follow-up turns give the same forward pass several. ``mm-count`` keeps at most one follow-up
     whose answer is 1 (most items of a sample appear once), so the answers do not lean towards 1.
     """
-    names = sample.meta["items"]
-    tally = Counter(names)
-    if task == "mm-order":
-        other = "last" if sample.meta["which"] == "first" else "first"
-        kinds = [_BY_NAME[name].kind for name in sample.meta["events"].values()]  # in frame order
-        pool = [(order_question(rng.sample(kinds, 3), other), kinds[0] if other == "first" else kinds[-1])]
-    elif task == "describe":
-        pool = [(describe_question(i), name) for i, name in enumerate(names)]
-    elif task == "mm-needle":
-        pool = [(needle_question(_BY_NAME[n]), str(i + 1)) for i, n in enumerate(names) if tally[n] == 1]
-    elif task == "mm-count":
-        low, high = COUNT_RANGE
-        pool = [(count_question(_BY_NAME[n]), str(c)) for n, c in tally.items() if n and low <= c <= high]
-    elif task == "mm-assoc":
-        pool = [(assoc_question(_BY_NAME[n]), w) for n, w in zip(names, sample.meta["words"], strict=True)]
-    else:
+    if task not in _FOLLOW_UP_POOLS:
         raise ValueError(f"no follow-up questions for task {task!r}")
-    pool = [qa for qa in pool if not sample.text.endswith(qa[0])]
+    pool = [qa for qa in _FOLLOW_UP_POOLS[task](sample, rng) if not sample.text.endswith(qa[0])]
     rng.shuffle(pool)
     if task == "mm-count":
         ones = [qa for qa in pool if qa[1] == "1"]
@@ -144,7 +169,7 @@ def draw_spec(
 
 
 def conversation(
-    tokenizer: Any, prompt: list[int], answer: str, turns: list[tuple[str, str]]
+    tokenizer: Any, prompt: list[int], answer: str, turns: list[QA]
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``prompt`` (ending in the assistant's generation prompt) + ``answer``, then each follow-up
     ``(question, answer)`` as a further user and assistant turn in SmolLM2's chat format, and the
@@ -157,8 +182,9 @@ def conversation(
     for question, reply in [(None, answer), *turns]:
         if question is not None:
             row += tokens(f"\n<|im_start|>user\n{question}{ANSWER_END}\n<|im_start|>assistant\n")
-        spans.append((len(row), len(row) + len(tokens(reply + ANSWER_END))))
-        row += tokens(reply + ANSWER_END)
+        target = tokens(reply + ANSWER_END)
+        spans.append((len(row), len(row) + len(target)))
+        row += target
     return row, spans
 
 

@@ -188,10 +188,17 @@ def item_targets(model: Any, tokenizer: Any) -> torch.Tensor:
     return torch.stack(rows).detach()
 
 
-def _halves(image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves of every image's tokens ``[images, tokens, hidden]``: colour half, kind half."""
+def _halves(
+    image_tokens: torch.Tensor, targets: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For the colour half and the kind half of every image's tokens ``[images, tokens, hidden]``:
+    ``(tokens [images, half, hidden] in float32, the distinct targets of that half [candidates, hidden],
+    the candidate index of every class [classes])``."""
     half = image_tokens.shape[1] // 2
-    return image_tokens[:, :half], image_tokens[:, half:]
+    parts = image_tokens[:, :half].float(), image_tokens[:, half:].float()
+    return [
+        (tokens, *torch.unique(targets[:, part], dim=0, return_inverse=True)) for part, tokens in enumerate(parts)
+    ]
 
 
 def align_loss(
@@ -219,8 +226,7 @@ def align_loss(
     flat = targets.flatten(0, 1)
     spread = torch.cdist(flat, flat).square().sum() / (flat.shape[0] * (flat.shape[0] - 1))
     total = image_tokens.new_zeros((), dtype=torch.float32)
-    for part, tokens in enumerate(_halves(image_tokens.float())):
-        candidates, label = torch.unique(targets[:, part], dim=0, return_inverse=True)
+    for tokens, candidates, label in _halves(image_tokens, targets):
         d2 = (tokens.unsqueeze(2) - candidates).square().sum(-1) / spread  # [images, half, candidates]
         wanted = label[items].unsqueeze(1).expand(-1, tokens.shape[1])
         pull = d2.gather(2, wanted.unsqueeze(2)).mean()
@@ -233,8 +239,7 @@ def vision_accuracy(image_tokens: torch.Tensor, items: torch.Tensor, targets: to
     """Share of images ``[images, tokens, hidden]`` whose colour half and kind half (each averaged over its
     tokens) are both nearest to the right target among the distinct targets of that half."""
     right = torch.ones(items.shape[0], dtype=torch.bool, device=items.device)
-    for part, tokens in enumerate(_halves(image_tokens.float())):
-        candidates, label = torch.unique(targets[:, part], dim=0, return_inverse=True)
+    for tokens, candidates, label in _halves(image_tokens, targets):
         right &= torch.cdist(tokens.mean(1), candidates).argmin(1) == label[items]
     return right.float().mean()
 
