@@ -153,9 +153,10 @@ def loss_of(model: Any, batch: Batch, device: torch.device, autocast: bool) -> t
     return F.cross_entropy(logits, batch.targets.to(device, non_blocking=True)), image_tokens
 
 
-def image_tokens_of(model: Any, batch: Batch, device: torch.device, autocast: bool) -> torch.Tensor:
-    """The projected image tokens of ``batch`` without running the language model (the vision-only steps)."""
-    pixels = batch.pixel_values.to(device, non_blocking=True)
+def image_tokens_of(model: Any, pixel_values: torch.Tensor, device: torch.device, autocast: bool) -> torch.Tensor:
+    """The projected image tokens of ``pixel_values`` ``[images, 3, H, W]`` without running the language
+    model (the vision-only steps)."""
+    pixels = pixel_values.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         return _projected(model, lambda: model.model.get_image_features(pixel_values=pixels))[1]
 
@@ -188,7 +189,7 @@ def item_targets(model: Any, tokenizer: Any) -> torch.Tensor:
     return torch.stack(rows).detach()
 
 
-def _halves(
+def target_halves(
     image_tokens: torch.Tensor, targets: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For the colour half and the kind half of every image's tokens ``[images, tokens, hidden]``:
@@ -214,9 +215,10 @@ def align_loss(
       ``-distance^2 / (spread * temperature)``.
 
     The pull alone puts tokens near the right *region*, which is not enough where targets nearly coincide:
-    SmolLM2's ten digit tokens ``" 0"`` ... ``" 9"`` lie 0.05-0.2 ``spread`` apart, and on the first shipped
-    weights (pull only) 0-4% of digit images had their kind token nearest to the right digit (colours 100%,
-    shapes 82-100%). The classification term separates them.
+    SmolLM2's ten digit tokens ``" 0"`` ... ``" 9"`` lie 0.05-0.2 ``spread`` apart, and on the weights of the
+    second run (pull only) the kind half was nearest to the right kind for 33% of images: 0-4% for eight of
+    the ten digits, 32% and 53% for the other two, 25-100% for shapes, while colours were 100% right
+    (``benchmarks/vlm_vision_accuracy.py``). The classification term separates them.
 
     Why the alignment at all: the answer loss reaches the tower, trained from scratch, only through 30
     frozen layers (without it the first H200 run learned nothing on the vision side), and it puts image
@@ -226,7 +228,7 @@ def align_loss(
     flat = targets.flatten(0, 1)
     spread = torch.cdist(flat, flat).square().sum() / (flat.shape[0] * (flat.shape[0] - 1))
     total = image_tokens.new_zeros((), dtype=torch.float32)
-    for tokens, candidates, label in _halves(image_tokens, targets):
+    for tokens, candidates, label in target_halves(image_tokens, targets):
         d2 = (tokens.unsqueeze(2) - candidates).square().sum(-1) / spread  # [images, half, candidates]
         wanted = label[items].unsqueeze(1).expand(-1, tokens.shape[1])
         pull = d2.gather(2, wanted.unsqueeze(2)).mean()
@@ -239,7 +241,7 @@ def vision_accuracy(image_tokens: torch.Tensor, items: torch.Tensor, targets: to
     """Share of images ``[images, tokens, hidden]`` whose colour half and kind half (each averaged over its
     tokens) are both nearest to the right target among the distinct targets of that half."""
     right = torch.ones(items.shape[0], dtype=torch.bool, device=items.device)
-    for tokens, candidates, label in _halves(image_tokens, targets):
+    for tokens, candidates, label in target_halves(image_tokens, targets):
         right &= torch.cdist(tokens.mean(1), candidates).argmin(1) == label[items]
     return right.float().mean()
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             group["lr"] = base_lr * factor
         items = batch.items.to(device, non_blocking=True)
         if step < args.vision_steps:
-            task, loss, image_tokens = "vision", None, image_tokens_of(model, batch, device, cuda)
+            task, loss, image_tokens = "vision", None, image_tokens_of(model, batch.pixel_values, device, cuda)
         else:
             task, (loss, image_tokens) = batch.task, loss_of(model, batch, device, cuda)
         align = align_loss(image_tokens, items, targets, args.align_temperature)
