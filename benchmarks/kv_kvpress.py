@@ -45,6 +45,11 @@ def presses() -> dict[str, type]:
     return {"snapkv": SnapKVPress, "pyramidkv": PyramidKVPress}
 
 
+def press_key(preset: str, tokens: int, batch: int, name: str, budget: float) -> str:
+    """The row's key, in the format of meda.kv.bench.SpeedCase.key."""
+    return f"{preset}/{tokens}/b{batch}/kvpress-{name}/{budget:g}/stock"
+
+
 def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -55,6 +60,7 @@ def run_press(model, inputs, name: str, budget: float, *, decode_tokens: int, ba
     import transformers
 
     cuda = torch.cuda.is_available()
+    batch = inputs["input_ids"].shape[0]
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -78,8 +84,8 @@ def run_press(model, inputs, name: str, budget: float, *, decode_tokens: int, ba
     steps = [1000 * (b - a) for a, b in zip(clock.times, clock.times[1:], strict=False)] if clock else []
     decode_ms = statistics.median(steps) if steps else float("nan")
     return {
-        "preset": preset, "tokens": n, "batch": inputs["input_ids"].shape[0], "method": f"kvpress-{name}",
-        "budget": budget, "decode": "stock", "key": f"{preset}/{n}/b1/kvpress-{name}/{budget:g}/stock",
+        "preset": preset, "tokens": n, "batch": batch, "method": f"kvpress-{name}",
+        "budget": budget, "decode": "stock", "key": press_key(preset, n, batch, name, budget),
         "prefill_tokens": n, "prefill_s": (clock.times[0] - t0) if clock else wall,
         "decode_ms_per_token": decode_ms, "replay_ms": None, "floor_ms": floor_ms,
         "ratio_to_floor": decode_ms / floor_ms, "kv_bytes_after": kv_after, "kv_read_bytes": kv_read,
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="qwen2-7b", help="meda.kv.tiny preset shape (text models only)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 on the CPU (checks the runner only)")
     p.add_argument("--tokens", default="32768", help="comma list of prompt lengths")
+    p.add_argument("--batches", default="1", help="comma list of batch sizes")
     p.add_argument("--budgets", default="0.05,0.1,0.2", help="comma list of kept fractions")
     p.add_argument("--presses", default="snapkv,pyramidkv", help="comma list: snapkv, pyramidkv")
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -119,15 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu" if args.tiny else "cuda"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as f:
-        for n in [int(x) for x in args.tokens.split(",")]:
-            inputs = text_prompt(model.config, n, 1, device)
+        shapes = [(int(n), int(b)) for n in args.tokens.split(",") for b in args.batches.split(",")]
+        for n, batch in shapes:
+            inputs = text_prompt(model.config, n, batch, device)
             for name in args.presses.split(","):
                 for budget in [float(x) for x in args.budgets.split(",")]:
                     try:
                         row = run_press(model, inputs, name, budget, decode_tokens=args.decode_tokens,
                                         bandwidth=bandwidth, weights=weights, preset=preset)
                     except Exception as err:  # one failed case (out of memory, say) must not end the run
-                        row = {"key": f"{preset}/{n}/b1/kvpress-{name}/{budget:g}/stock",
+                        row = {"key": press_key(preset, n, batch, name, budget),
                                "error": f"{type(err).__name__}: {str(err)[:300]}"}
                     f.write(json.dumps(row) + "\n")
                     f.flush()

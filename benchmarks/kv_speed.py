@@ -102,6 +102,35 @@ def next_plan() -> list[SpeedCase]:
     return plan
 
 
+def issue_plan() -> list[SpeedCase]:
+    """The issue's matrix, trimmed to what two GPU calls can run, in the order they run it (``--resume``
+    continues where a call stopped). Qwen2-7B at 32k x 1, 32k x 8 and 128k x 1: stock, full on the fast path,
+    snapkv/pyramidkv/meda at 5/10/20% on the fast path and on transformers' own loop (``dynamic``) at 5%
+    (and 20% at 32k x 1), AdaKV at 32k x 1; then Qwen2-VL-7B at 32k x 1 (the same set), the long prompts
+    compressed chunk by chunk at 10% (256k and 1M tokens), Qwen2-VL-7B at 128k x 1 and 32k x 8 (fewer cases),
+    and last the compiled step. Not in it: 128k x 8 (one prefill is ~80 s), 512k."""
+    methods, budgets = ("snapkv", "pyramidkv", "meda"), (0.05, 0.1, 0.2)
+
+    def shape(preset: str, n: int, b: int, *, dynamic: tuple[float, ...] = (0.05,)) -> list[SpeedCase]:
+        cases = [_c(preset, n, b, "full", 1.0, "stock"), _c(preset, n, b, "full", 1.0, "static")]
+        cases += [_c(preset, n, b, m, x, "static") for m in methods for x in budgets]
+        return cases + [_c(preset, n, b, m, x, "dynamic") for m in methods for x in dynamic]
+
+    def few(preset: str, n: int, b: int) -> list[SpeedCase]:
+        cases = [_c(preset, n, b, "full", 1.0, "stock"), _c(preset, n, b, "full", 1.0, "static")]
+        return cases + [_c(preset, n, b, m, x, "static") for m in ("snapkv", "meda") for x in (0.05, 0.2)]
+
+    q, vl, k32, k128 = "qwen2-7b", "qwen2-vl-7b", 32768, 131072
+    plan = shape(q, k32, 1, dynamic=(0.05, 0.2)) + [_c(q, k32, 1, "adakv", x, "static") for x in budgets]
+    plan += shape(q, k32, 8) + shape(q, k128, 1)
+    plan += shape(vl, k32, 1)
+    plan += [SpeedCase(q, n, 1, m, 0.1, "static", chunk=k32) for n, m in [(262144, "snapkv"), (1048576, "snapkv")]]
+    plan += few(vl, k128, 1) + few(vl, k32, 8)
+    plan += [SpeedCase(q, 1048576, 1, "meda", 0.1, "static", chunk=k32)]
+    plan += [_c(q, k32, 1, "full", 1.0, "compiled"), _c(q, k32, 1, "snapkv", 0.05, "compiled")]
+    return plan
+
+
 def matrix_plan() -> list[SpeedCase]:
     methods = ["stock", "full", "snapkv", "pyramidkv", "meda"]
     decodes = ["stock", "dynamic", "static", "compiled"]
@@ -110,7 +139,7 @@ def matrix_plan() -> list[SpeedCase]:
     return text + vl
 
 
-PLANS = {"core": core_plan, "decode": decode_plan, "next": next_plan, "matrix": matrix_plan}
+PLANS = {"core": core_plan, "decode": decode_plan, "next": next_plan, "issue": issue_plan, "matrix": matrix_plan}
 # (method, budget, decode, captured) of the steps --profile looks at (Qwen2-7B shape, batch 1, --profile-tokens)
 PROFILES = [
     ("full", 1.0, "static", True),

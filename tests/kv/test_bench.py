@@ -68,3 +68,21 @@ def test_the_kvpress_runner_says_what_is_missing() -> None:
         pytest.skip("kvpress is installed here")
     with pytest.raises(SystemExit, match="kvpress is not importable"):
         module.presses()
+
+
+def test_the_vision_language_prompt_takes_a_batch_and_runs_through_a_tiny_qwen2_vl() -> None:
+    import torch
+
+    from meda.kv.bench import long_vlm_prompt
+    from meda.kv.tiny import build_tiny
+
+    model = build_tiny("qwen2_vl").model
+    one = long_vlm_prompt(model.config, 96, 8, "cpu")
+    two = long_vlm_prompt(model.config, 96, 8, "cpu", batch=2)
+    assert two["input_ids"].shape == (2, 96)
+    assert torch.equal(two["input_ids"][1], one["input_ids"][0])
+    assert two["pixel_values"].shape[0] == 2 * one["pixel_values"].shape[0]
+    assert two["image_grid_thw"].tolist() == one["image_grid_thw"].tolist() * 2
+    with torch.inference_mode():
+        logits = model(**{k: v.to(torch.float32) if v.is_floating_point() else v for k, v in two.items()}).logits
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)  # both rows see the same text and image

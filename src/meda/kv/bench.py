@@ -151,8 +151,9 @@ def text_prompt(config, tokens: int, batch: int, device: str) -> dict[str, torch
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def long_vlm_prompt(config, tokens: int, image_side: int, device: str) -> dict[str, torch.Tensor]:
-    """``[text, vision_start, image tokens, vision_end, text]`` of ``tokens`` tokens (Qwen-VL layout)."""
+def long_vlm_prompt(config, tokens: int, image_side: int, device: str, batch: int = 1) -> dict[str, torch.Tensor]:
+    """``batch`` rows of ``[text, vision_start, image tokens, vision_end, text]``, ``tokens`` tokens each
+    (Qwen-VL layout); every row holds the same text and its own copy of the image."""
     vision = config.vision_config
     merge = vision.spatial_merge_size
     grid = (1, image_side, image_side)
@@ -161,7 +162,9 @@ def long_vlm_prompt(config, tokens: int, image_side: int, device: str) -> dict[s
         raise ValueError(f"{tokens} tokens cannot hold an image of {n_image} tokens; lower --image-side")
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(100, 150000, (tokens - n_image - 2,), generator=g)
+    special = (config.vision_start_token_id, config.image_token_id, config.vision_end_token_id)
+    high = min(getattr(config, "text_config", config).vocab_size, 150000, *special)  # no special id drawn as text
+    text = torch.randint(min(100, high // 2), high, (tokens - n_image - 2,), generator=g)
     before = text[: len(text) // 2]
     after = text[len(text) // 2 :]
     ids = torch.cat(
@@ -172,24 +175,23 @@ def long_vlm_prompt(config, tokens: int, image_side: int, device: str) -> dict[s
             torch.tensor([config.vision_end_token_id]),
             after,
         ]
-    )[None]
+    )[None].repeat(batch, 1)
     types = (ids == config.image_token_id).to(torch.int32)
+    pixels = torch.randn(math.prod(grid), width, generator=g).repeat(batch, 1)
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
         "mm_token_type_ids": types.to(device),
-        "pixel_values": torch.randn(math.prod(grid), width, generator=g).to(device, torch.bfloat16),
-        "image_grid_thw": torch.tensor([grid]).to(device),
+        "pixel_values": pixels.to(device, torch.bfloat16),
+        "image_grid_thw": torch.tensor([grid] * batch).to(device),
     }
 
 
 def prompt_for(model, tokens: int, batch: int, image_side: int) -> dict[str, torch.Tensor]:
-    """A long prompt for ``model``: one image inside text for Qwen-VL shapes (batch 1 only), else text."""
+    """A long prompt for ``model``: one image inside text per row for Qwen-VL shapes, else text."""
     if getattr(model.config, "vision_config", None) is None:
         return text_prompt(model.config, tokens, batch, "cuda")
-    if batch != 1:
-        raise ValueError("the vision-language benchmark prompt is batch 1 only; use a text preset for batch > 1")
-    return long_vlm_prompt(model.config, tokens, image_side, "cuda")
+    return long_vlm_prompt(model.config, tokens, image_side, "cuda", batch)
 
 
 def kv_read_bytes(model, report: CompressionReport, batch: int) -> int:
