@@ -150,6 +150,12 @@ def train(
     compile: str = typer.Option(
         "off", help="torch.compile: off, default, reduce-overhead (CUDA graphs) or max-autotune."
     ),
+    graph: str = typer.Option(
+        "off",
+        help="on: the whole training step (forward, loss, backward, optimiser) replayed as one CUDA graph, "
+        "re-captured every epoch; the short last batch runs eagerly. CUDA only; adam, adagrad or sgd; refused "
+        "with --sparse-grad, --compile, the torchrec backend and torchrun. metrics.json 'graph' counts the steps.",
+    ),
     resident: str = typer.Option("auto", help="Keep in-memory splits on the device: auto (if it fits), on, off."),
     embedding_backend: str = typer.Option(
         "native", help="native tables, or torchrec (EmbeddingBagCollection; needs torchrec 1.8, see docs/ctr.md)."
@@ -204,6 +210,7 @@ def train(
     --batch-size is the global batch; rank 0 writes metrics.json and checkpoints).
     Large tables: --sparse-grad (sparse table gradients, all-reduced sparse under DDP).
     Large evaluation splits: --eval-auc binned (constant memory, histograms all-reduced).
+    GPU speed: --device cuda --graph on (the whole step as one CUDA graph).
 
     \b
     Remedies to compare MEDA with: --schedule bars (FuxiCTR's BARS protocol: embedding
@@ -235,8 +242,8 @@ def train(
             meda_min_cardinality=meda_min_cardinality, meda_reset_optimizer=meda_reset_optimizer,
             serving=serving, chunks=chunks, monitor=monitor, seed=seed,
             checkpoint_every=checkpoint_every, model_options=options, device=device, precision=precision,
-            compile=compile, resident=resident, embedding_backend=embedding_backend, sparse_grad=sparse_grad,
-            eval_auc=eval_auc, eval_auc_bins=eval_auc_bins,
+            compile=compile, graph=graph, resident=resident, embedding_backend=embedding_backend,
+            sparse_grad=sparse_grad, eval_auc=eval_auc, eval_auc_bins=eval_auc_bins,
         )  # fmt: skip
         distributed.init(device)
     except (ValueError, TypeError) as err:

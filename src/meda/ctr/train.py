@@ -31,6 +31,7 @@ from meda.ctr.checkpoint import CHECKPOINT_NAME, ResumeError, load_checkpoint, s
 from meda.ctr.continual import SERVING, EmbeddingGroups, serve
 from meda.ctr.embedding import EmbeddingInit
 from meda.ctr.features import EncodedData, FeatureMap
+from meda.ctr.graph import GRAPH_MODES, GraphedStep, check_graph
 from meda.ctr.metrics import AUC_BINS, AUC_LOGIT_RANGE, BinnedMetrics, classification_metrics
 from meda.ctr.models import CTRModel, build_model, model_options
 from meda.ctr.modes import Mode, Pass
@@ -92,6 +93,7 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "fp32"  # bf16: autocast the forward pass to bfloat16 (loss and optimiser stay fp32)
     compile: str = "off"  # torch.compile mode of the model's forward, see COMPILE_MODES
+    graph: str = "off"  # on: the whole training step replayed as one CUDA graph (meda.ctr.graph)
     resident: str = "auto"  # keep in-memory splits as tensors on the device (see meda.ctr.sources)
     embedding_backend: str = "native"  # or "torchrec": tables in an EmbeddingBagCollection (meda.ctr.torchrec_backend)
     sparse_grad: bool = False  # sparse table gradients + a sparse optimiser for the tables (meda.ctr.optim)
@@ -124,7 +126,7 @@ class TrainConfig:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (or None), got {self.lr_plateau_factor}")
         resolve_device(self.device)  # validates the name
         choices = {"precision": PRECISIONS, "compile": COMPILE_MODES, "resident": RESIDENT,
-                   "embedding_backend": EMBEDDING_BACKENDS, "eval_auc": EVAL_AUC}  # fmt: skip
+                   "embedding_backend": EMBEDDING_BACKENDS, "eval_auc": EVAL_AUC, "graph": GRAPH_MODES}  # fmt: skip
         for name, allowed in choices.items():
             if (value := getattr(self, name)) not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
@@ -145,6 +147,7 @@ class TrainConfig:
             if self.compile != "off":  # inductor cannot trace sparse gradients (measured: NotImplementedError)
                 raise ValueError("--sparse-grad cannot be compiled (torch.compile does not take sparse gradients): "
                                  "use --compile off, or drop --sparse-grad")  # fmt: skip
+        check_graph(self, resolve_device(self.device))
 
 
 def build_model_options(config: TrainConfig) -> dict[str, Any]:
@@ -209,6 +212,7 @@ class Trainer:
         _check_parallel(config, self.mode, self.world)
         _check_rows(dataset)
         self.device = distributed.local_device(resolve_device(config.device))
+        check_graph(config, self.device, self.world)
         self.sources = {name: as_source(getattr(dataset, name), self.device, config.resident)
                         for name in ("valid", "test", *(() if self.mode.chunked else ("train",)))}  # fmt: skip
         self.chunks = [as_source(c, self.device, config.resident) for c in self._chunks()] if self.mode.chunked else []
@@ -250,8 +254,13 @@ class Trainer:
             config.net_l2,
             config.optimizer_options,
             sparse_params=tables,
+            capturable=config.graph == "on",
         )
         self.progress = Progress()
+        # the step the loop calls: eager, or replayed from a CUDA graph (re-captured every pass)
+        self.graph = GraphedStep(self._step, lambda: self.optimizer.zero_grad(set_to_none=True)) \
+            if config.graph == "on" else None  # fmt: skip
+        self.train_step: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.graph or self._step
 
     # ----------------------------------------------------------------- running
     def fit(self, resume: bool = False, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -320,16 +329,13 @@ class Trainer:
             disable=not _show_progress() or self.rank != 0,
         )
         self.model.train()
+        if self.graph is not None:  # a new graph for this pass (tables redrawn, LR decayed, another group)
+            self.graph.reset()
         started, rows = time.perf_counter(), 0
         for batch in bar:
-            self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                logits = self.forward(batch)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
-            loss.backward()
-            self.optimizer.step()
+            loss = self.train_step(batch)
             p.step, p.global_step = p.step + 1, p.global_step + 1
-            self._loss_total += loss.detach()
+            self._loss_total += loss
             self._loss_steps, rows = self._loss_steps + 1, rows + batch["label"].shape[0]
             if cfg.checkpoint_every and p.global_step % cfg.checkpoint_every == 0:
                 self._save()
@@ -340,8 +346,22 @@ class Trainer:
         p.train_seconds += time.perf_counter() - started
         p.train_rows += int(distributed.sum_floats([rows], self.device)[0])
 
+    def _step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimiser step on ``batch``; returns the detached loss (0-d, on the device, not synchronised).
+
+        Under ``--graph on`` the gradients are zeroed in place (the captured step reuses them)."""
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        with self._autocast():
+            logits = self.forward(batch)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
+        # a CUDA graph cannot hold autocast's cache of cast weights (it is filled once, outside the replays)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16",
+                              cache_enabled=self.config.graph == "off")  # fmt: skip
 
     def _sync_loss(self) -> None:
         """Move the device-side loss sum into :attr:`progress` (one host sync)."""
@@ -489,6 +509,7 @@ class Trainer:
             "best_by": self._monitor() if history else self.config.monitor,
             "stopped_early": self.progress.stopped_early,
             "timing": self.progress.timing,
+            "graph": self.graph.report() if self.graph is not None else {"enabled": False},
             "distributed": {"world_size": self.world, "replicas_identical": self._in_sync},
             "evaluation": self._evaluation_note(),
             "config": asdict(self.config),
@@ -537,7 +558,7 @@ class Trainer:
             raise ResumeError("resume needs an output folder holding the checkpoint")
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
         ignore = {"checkpoint_every", "resident"}  # neither changes the results
-        older = {"sparse_grad": False, "eval_auc": "auto", "eval_auc_bins": AUC_BINS}  # checkpoints from before these
+        older = {"sparse_grad": False, "eval_auc": "auto", "eval_auc_bins": AUC_BINS, "graph": "off"}  # before these
         saved = {**older, **{k: v for k, v in state["config"].items() if k not in ignore}}
         now = {k: v for k, v in asdict(self.config).items() if k not in ignore}
         diff = sorted(k for k in now if _plain(now[k]) != _plain(saved.get(k)))
