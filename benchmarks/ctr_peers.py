@@ -5,7 +5,8 @@ log numerics); the encoded splits go to one ``.npz`` that every library trains o
 see the same ids, numerics and split. Each (library, model) runs in its own process, so
 peak memory is per run:
 
-- meda: its own ``Trainer`` (``meda ctr train``'s loop), in this environment;
+- meda: its own ``Trainer`` (``meda ctr train``'s loop), in this environment; ``meda-graph`` is the same
+  run with ``--graph on`` (the whole step replayed as one CUDA graph, CUDA only), as its own row;
 - FuxiCTR / DeepCTR-Torch: their models (DNN, DeepFM, DCNv2) built from their own layers,
   trained by one plain loop written here (Adam, BCE, same batch, same shuffling rule), in a
   separate virtual environment this script creates under ``runs/`` (``torch==2.13.0`` first,
@@ -19,6 +20,7 @@ validation epoch.
 
     nice -n 10 .venv/bin/python benchmarks/ctr_peers.py --rows 100000 --epochs 2
     python3 benchmarks/ctr_peers.py --device cuda --rows 1000000 --epochs 2 --peers-site peers_site  # GPU host
+                                                  # (on cuda the libraries default to meda,meda-graph,fuxictr,deepctr)
 
 The FuxiCTR wheel's own ``model_zoo/LongCTR/DCNv2`` expects item-sequence inputs (it reads
 ``(batch, item_dict, mask)``), so for Criteo-format data the DCNv2 here is assembled from the
@@ -42,6 +44,7 @@ PEERS = {"fuxictr": "fuxictr==2.3.10", "deepctr": "deepctr-torch==0.3.0"}
 PEER_EXTRAS = ["ray[data]"]  # FuxiCTR 2.3.10 imports ray's data loaders
 STAND_INS = ("ray", "polars")  # imported by FuxiCTR at module level, never called by the layers used here
 MODELS = ("dnn", "deepfm", "dcnv2")
+MEDA = {"meda": "off", "meda-graph": "on"}  # meda's rows: library name -> TrainConfig.graph
 SIZES = {"embedding_dim": 10, "hidden_units": [400, 400, 400], "cross_layers": 3, "lr": 1e-3, "batch_size": 4096}
 
 
@@ -51,7 +54,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="Rows of the generated Criteo TSV.")
     ap.add_argument("--epochs", type=int, default=2, help="Epochs per run (best epoch chosen on validation).")
     ap.add_argument("--device", default="cpu", help="cpu or cuda.")
-    ap.add_argument("--libraries", default="meda,fuxictr,deepctr")
+    ap.add_argument("--libraries", default=None,
+                    help="Comma list of meda, meda-graph (meda with --graph on; CUDA only), fuxictr, deepctr "
+                         "(default: all of them on cuda, all but meda-graph on cpu).")  # fmt: skip
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--seeds", default="0", help="Seeds of init and shuffling, e.g. 0,1,2 (the split stays seed 0).")
     ap.add_argument("--work", default="runs/ctr_peers", help="Data, venv and per-run outputs.")
@@ -74,7 +79,11 @@ def main() -> None:
     work = Path(args.work)
     npz = _prepare(work, args.rows)
     venv = Path(args.venv) if args.venv else work / "venv"
-    libraries = args.libraries.split(",")
+    libraries = (args.libraries or ",".join(["meda", *(["meda-graph"] if args.device != "cpu" else []),
+                                             *PEERS])).split(",")  # fmt: skip
+    unknown = sorted(set(libraries) - {*MEDA, *PEERS})
+    if unknown:
+        raise SystemExit(f"unknown libraries {unknown}; choose from {', '.join([*MEDA, *PEERS])}")
     if any(lib in PEERS for lib in libraries) and not args.peers_site:
         _ensure_venv(venv)
     out = Path(args.json.format(device=args.device))
@@ -86,10 +95,10 @@ def main() -> None:
             payload["runs"] = old["runs"]
     plan = [(seed, model, lib) for seed in _ints(args.seeds) for model in args.models.split(",") for lib in libraries]
     for seed, model, lib in plan:  # model by model: each comparison completes before the next model starts
-        python = sys.executable if lib == "meda" or args.peers_site else str(venv / "bin" / "python")
+        python = sys.executable if lib in MEDA or args.peers_site else str(venv / "bin" / "python")
         cmd = [python, __file__, "--worker", lib, "--model", model, "--npz", str(npz),
                "--epochs", str(args.epochs), "--device", args.device, "--seed", str(seed)]  # fmt: skip
-        path = str(ROOT / "src") if lib == "meda" else args.peers_site
+        path = str(ROOT / "src") if lib in MEDA else args.peers_site
         env = {**os.environ, "PYTHONPATH": path} if path else None
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         key = (lib, model, seed)
@@ -100,7 +109,7 @@ def main() -> None:
         else:
             result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
             print(_line(result), flush=True)
-            order = {name: i for i, name in enumerate(["meda", *PEERS])}
+            order = {name: i for i, name in enumerate([*MEDA, *PEERS])}
             runs = [r for r in payload["runs"] if _key(r) != key] + [result]
             payload["runs"] = sorted(runs, key=lambda r: (MODELS.index(r["model"]), order[r["library"]], _key(r)[2]))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,11 +204,12 @@ def _write_table(payload: dict[str, Any], doc: Path) -> None:
         )
     ratios = []
     for model in MODELS:
-        peers = [v for (lib, m), v in speed.items() if m == model and lib != "meda"]
-        if (("meda", model) in speed) and peers:
-            ratios.append(f"{model} {speed['meda', model] / max(peers):.2f}x")
+        peers = [v for (lib, m), v in speed.items() if m == model and lib in PEERS]
+        ours = [f"{lib} {speed[lib, model] / max(peers):.2f}x" for lib in MEDA if (lib, model) in speed and peers]
+        if ours:
+            ratios.append(f"{model}: {', '.join(ours)}")
     if ratios:
-        lines += ["", "meda's samples/s over the fastest peer's: " + ", ".join(ratios) + "."]
+        lines += ["", "meda's samples/s over the fastest peer's: " + "; ".join(ratios) + "."]
     failed = [f"{f['library']} {f['model']} (seed {f['seed']})" for f in payload.get("failures", [])]
     if failed:
         lines += ["", "Failed runs (error in the JSON): " + ", ".join(failed) + "."]
@@ -223,7 +233,7 @@ def _work(args: argparse.Namespace) -> dict[str, Any]:
     stand_ins = _install_stand_ins() if args.worker == "fuxictr" else []
     if device.type == "cuda":
         _warm_up(device)
-    runner = _run_meda if args.worker == "meda" else _run_peer
+    runner = _run_meda if args.worker in MEDA else _run_peer
     record = runner(args.worker, args.model, data, args.epochs, device, args.seed)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _peak_rss_mb()
     epochs = record["epochs"]
@@ -232,7 +242,7 @@ def _work(args: argparse.Namespace) -> dict[str, Any]:
     seconds = sum(e["train_seconds"] for e in epochs)
     return {"library": args.worker, "model": args.model, "seed": args.seed,
             "samples_per_s": train_rows * len(epochs) / seconds, "peak_mb": peak, "epoch1": epochs[0], "best": best,
-            "epochs": epochs, "stand_ins": stand_ins}  # fmt: skip
+            "epochs": epochs, "stand_ins": stand_ins, **{k: v for k, v in record.items() if k != "epochs"}}  # fmt: skip
 
 
 def _warm_up(device: Any) -> None:
@@ -264,8 +274,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_meda(_: str, model: str, data: dict, epochs: int, device: Any, seed: int) -> dict[str, Any]:
-    """meda's own Trainer on the same split (read back through meda's encoded-data cache)."""
+def _run_meda(lib: str, model: str, data: dict, epochs: int, device: Any, seed: int) -> dict[str, Any]:
+    """meda's own Trainer on the same split (read back through meda's encoded-data cache); ``meda-graph``
+    replays the step as a CUDA graph (its ``graph`` counts of metrics.json go into the result)."""
     from meda.ctr.data import load_dataset
     from meda.ctr.train import TrainConfig, train
 
@@ -274,13 +285,13 @@ def _run_meda(_: str, model: str, data: dict, epochs: int, device: Any, seed: in
     options = {"cross_layers": SIZES["cross_layers"]} if model == "dcnv2" else {}
     cfg = TrainConfig(model=model, mode="multi-epoch", epochs=epochs, batch_size=SIZES["batch_size"], lr=SIZES["lr"],
                       embedding_dim=SIZES["embedding_dim"], hidden_units=tuple(SIZES["hidden_units"]),
-                      device=str(device), model_options=options, seed=seed)  # fmt: skip
+                      device=str(device), model_options=options, seed=seed, graph=MEDA[lib])  # fmt: skip
     payload = train(ds, cfg)
     # timing: the pass's optimiser steps, first step included, device synchronised at its end (as the peers' loop)
     out = [{"epoch": e["epoch"], "valid_auc": e["valid_auc"], "test_auc": e["test_auc"],
             "test_logloss": e["test_logloss"], "train_seconds": t["train_seconds"]}
            for e, t in zip(payload["epochs"], payload["timing"], strict=True)]  # fmt: skip
-    return {"epochs": out}
+    return {"epochs": out, "graph": payload["graph"]}
 
 
 class _StandIns:

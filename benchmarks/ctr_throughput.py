@@ -5,8 +5,9 @@ dim 16, MLP 256-128, Adam 1e-3).
 The data are generated once, written as Parquet and encoded through the normal path (cached);
 the timed part is the training steps of the epoch (``timing`` in metrics.json: device
 synchronised at the end of the pass), evaluation excluded. Variants (``--variants``) add bf16
-autocast, torch.compile and host-side batches (``resident=off``, the path before batches were
-kept on the device) for the models in ``--variant-models``. A short warm-up run comes first.
+autocast, torch.compile, the whole step as one CUDA graph (``graph``: ``--graph on``) and host-side
+batches (``resident=off``, the path before batches were kept on the device) for the models in
+``--variant-models``. A short warm-up run comes first.
 
     python benchmarks/ctr_throughput.py --device cuda --out runs/ctr_throughput --work /tmp/ctr_data  # H200: ~3-4 min
     python benchmarks/ctr_throughput.py --device cpu --rows 20000 --models dnn --batch-sizes 1024 \\
@@ -31,6 +32,7 @@ VARIANTS = {
     "compile": {"compile": "default"},
     "bf16+compile": {"precision": "bf16", "compile": "default"},
     "host": {"resident": "off"},
+    "graph": {"graph": "on"},  # the whole step as one CUDA graph (CUDA only)
 }
 
 

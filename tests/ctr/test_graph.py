@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 from learnable import learnable_dataset
-from typer.testing import CliRunner
 
-from meda.cli import app
 from meda.ctr import synthetic
 from meda.ctr.graph import check_graph
 from meda.ctr.optim import build_optimizer
@@ -60,6 +58,10 @@ def test_eager_runs_report_no_graph() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_cli_refuses_graph_on_a_cpu(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from meda.cli import app  # imported here: the GPU host runs this file without needing the CLI's imports
+
     path = tmp_path / "zipf.parquet"
     synthetic.write(synthetic.generate("zipf", 500, seed=1), path, "parquet", synthetic.schema_for("zipf", "parquet"))
     args = ["ctr", "train", "--data", str(path), "--format", "parquet", "--out", str(tmp_path / "o"), "--no-cache"]
