@@ -89,15 +89,18 @@ class GraphedStep:
             loss, backward and the optimiser step with ``zero_grad(set_to_none=False)`` first, and returns
             the loss (a 0-d device tensor). It must launch the same kernels for every batch of one shape.
         drop_grads: sets every gradient to None (the optimiser's ``zero_grad(set_to_none=True)``).
+        device: the CUDA device the model trains on (streams and captures are made there).
     """
 
-    def __init__(self, step: Callable[[Batch], torch.Tensor], drop_grads: Callable[[], None]) -> None:
-        self.step, self.drop_grads = step, drop_grads
+    def __init__(
+        self, step: Callable[[Batch], torch.Tensor], drop_grads: Callable[[], None], device: torch.device
+    ) -> None:
+        self.step, self.drop_grads, self.device = step, drop_grads, device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: Batch = {}  # the graph's inputs
         self.loss: torch.Tensor | None = None  # the graph's output
         self.warmed = 0  # eager warm-up steps done in this pass
-        self.side = torch.cuda.Stream()  # where the warm-up steps run
+        self.side = torch.cuda.Stream(device)  # where the warm-up steps run
         self.counts = {"captures": 0, "graphed_steps": 0, "warm_up_steps": 0, "other_shape_steps": 0}
 
     def reset(self) -> None:
@@ -111,6 +114,10 @@ class GraphedStep:
         The returned tensor of a replayed step is the graph's output: the next replay overwrites it, so
         use it (e.g. add it to a sum on the device) before the next call.
         """
+        with torch.cuda.device(self.device):
+            return self._step(batch)
+
+    def _step(self, batch: Batch) -> torch.Tensor:
         if self.graph is not None:
             if not self._fits(batch):
                 self.counts["other_shape_steps"] += 1

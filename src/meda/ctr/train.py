@@ -258,7 +258,7 @@ class Trainer:
         )
         self.progress = Progress()
         # the step the loop calls: eager, or replayed from a CUDA graph (re-captured every pass)
-        self.graph = GraphedStep(self._step, lambda: self.optimizer.zero_grad(set_to_none=True)) \
+        self.graph = GraphedStep(self._step, lambda: self.optimizer.zero_grad(set_to_none=True), self.device) \
             if config.graph == "on" else None  # fmt: skip
         self.train_step: Callable[[dict[str, torch.Tensor]], torch.Tensor] = self.graph or self._step
 
