@@ -240,7 +240,7 @@ def report(paths: list[Path], md: Path, png: Path | None) -> None:
     devices = [r for r in rows if r.get("kind") == "device"]
     runs = {r["key"]: r for r in rows if r.get("kind") not in EXTRA_KINDS and "error" not in r}
     errors = {r["key"]: r["error"] for r in rows if "error" in r and "key" in r and r["key"] not in runs}
-    stock = {(r["preset"], r["tokens"], r["batch"]): r for r in runs.values() if r["decode"] == "stock"}
+    stock = {(r["preset"], r["tokens"], r["batch"]): r for r in runs.values() if _is_stock(r)}
     full_fast = {  # the fast path's own full cache, per decode path (static, compiled)
         (r["preset"], r["tokens"], r["batch"], r["decode"]): r
         for r in runs.values()
@@ -330,6 +330,11 @@ def _attention_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _is_stock(row: dict) -> bool:
+    """The stock baseline: transformers alone with the full cache (kvpress rows also decode on the stock loop)."""
+    return row["decode"] == "stock" and row["method"] == "full"
+
+
 def _num(v, suffix: str = "") -> str:
     return "-" if v is None else f"{v:.2f}{suffix}"
 
@@ -343,8 +348,13 @@ def _plot(runs: list[dict], png: Path) -> None:
     groups = sorted({(r["preset"], r["tokens"], r["batch"]) for r in runs})
     colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in runs}))}
     styles = {run: ("-", ":", "-.")[i % 3] for i, run in enumerate(sorted({r["run"] for r in runs}, reverse=True))}
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
+    cols = min(4, len(groups))
+    rows = -(-len(groups) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 1.2), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    for ax, group in zip(axes, groups, strict=False):
         rs = [r for r in runs if (r["preset"], r["tokens"], r["batch"]) == group]
         for method, run, decode in sorted({(r["method"], r["run"], r["decode"]) for r in rs if r["decode"] in FAST}):
             mine = [r for r in rs if (r["method"], r["run"], r["decode"]) == (method, run, decode)]
@@ -355,22 +365,26 @@ def _plot(runs: list[dict], png: Path) -> None:
         if floor:
             ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="bandwidth floor")
         for r in rs:
-            if r["decode"] == "stock":
+            if _is_stock(r):
                 ax.axhline(r["decode_ms_per_token"], color="r", ls=":", label="stock loop, full cache")
             elif r["decode"] == "dynamic":
                 label = f"{r['method']} (dynamic)"
                 ax.scatter([r["budget"]], [r["decode_ms_per_token"]], marker="x", color="gray", label=label)
+            elif r["decode"] == "stock":  # another library's press on transformers' own loop (kvpress)
+                ax.scatter([r["budget"]], [r["decode_ms_per_token"]], marker="^", color=colors[r["method"]],
+                           label=r["method"])
         ax.set_yscale("log")
         ax.set_xlabel("budget (kept fraction)")
         ax.set_title(f"{group[0]}, {group[1] // 1024}k tokens, batch {group[2]}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("decode ms/token (log)")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("decode ms/token (log)")
     unique = {}
-    for ax in axes[0]:
+    for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         unique |= dict(zip(labels, handles, strict=True))
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=min(len(unique), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08 * (1 + len(unique) // 4), 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * (1 + len(unique) // 4) / rows, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
