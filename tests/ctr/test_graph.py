@@ -73,7 +73,11 @@ def test_cli_refuses_graph_on_a_cpu(tmp_path: Path) -> None:
 def _run(data, cfg: TrainConfig) -> tuple[list[float], dict, Trainer]:
     """Every step's loss (read after the step), the metrics payload and the trainer; checks that no
     parameter changed its storage (MEDA's redraws act in place)."""
-    trainer = Trainer(data, cfg)
+    return _run_trainer(Trainer(data, cfg))
+
+
+def _run_trainer(trainer: Trainer) -> tuple[list[float], dict, Trainer]:
+    """:func:`_run` for a trainer already built."""
     step, losses = trainer.train_step, []
     storage = [p.data_ptr() for p in trainer.groups.parameters()]
 
@@ -86,6 +90,49 @@ def _run(data, cfg: TrainConfig) -> tuple[list[float], dict, Trainer]:
     payload = trainer.fit()
     assert [p.data_ptr() for p in trainer.groups.parameters()] == storage
     return losses, payload, trainer
+
+
+class _StandInGraph:
+    """CPU stand-in for ``torch.cuda.CUDAGraph``: the "capture" runs the step once for real (the capture batch),
+    the replay right after it does nothing, and every later replay runs the step again on the static inputs,
+    writing its loss into the captured output. Checks the loop's use of the graph, not CUDA's capture."""
+
+    owner = None  # the GraphedStep under test
+
+    def __init__(self) -> None:
+        self.fresh = True
+
+    def replay(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            return
+        step = type(self).owner
+        step.loss.copy_(step.step(step.static))
+
+
+def test_graphed_loop_logic_matches_eager_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the CUDA calls stood in for, graphed training takes the eager loop's every step: warm-up, capture,
+    static-input replays, the eager short batch and a re-capture per pass, through MEDA's redraws."""
+    from contextlib import nullcontext
+
+    import meda.ctr.train as train_module
+
+    stream = SimpleNamespace(wait_stream=lambda _: None)
+    for name, value in {"CUDAGraph": _StandInGraph, "graph": lambda _: nullcontext(), "stream": lambda _: nullcontext(),
+                        "device": lambda _: nullcontext(), "Stream": lambda *_: stream,
+                        "current_stream": lambda: stream}.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(train_module, "check_graph", lambda *_: None)  # let it build on the CPU
+    data = learnable_dataset(rows=3000)
+    cfg = TrainConfig(model="deepfm", mode="meda", epochs=3, meda_min_cardinality=45, **FAST)
+    eager_losses, eager, _ = _run(data, cfg)
+    trainer = Trainer(data, replace(cfg, graph="on"))
+    _StandInGraph.owner = trainer.graph
+    losses, payload, _ = _run_trainer(trainer)
+    assert losses == eager_losses and len(losses) == 30
+    assert [e["test_auc"] for e in payload["epochs"]] == [e["test_auc"] for e in eager["epochs"]]
+    assert {k: payload["graph"][k] for k in ("captures", "graphed_steps", "warm_up_steps", "other_shape_steps")} == {
+        "captures": 3, "graphed_steps": 18, "warm_up_steps": 9, "other_shape_steps": 3}  # fmt: skip
 
 
 CASES = {  # name: (dataset, config); 2400 training rows, so each pass ends with a short batch
