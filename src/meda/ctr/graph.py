@@ -17,9 +17,9 @@ than the GPU spends running them. ``--graph on`` records the step once per pass 
   of the tables (in place), the optimiser reset after it (Adam's state of a wholly redrawn table is
   dropped and made afresh by the warm-up), a learning rate decayed on a plateau (a float the
   captured kernel holds), another embedding group.
-- **optimisers**: only those of :data:`meda.ctr.optim.CAPTURABLE` (Adam with ``capturable=True``, fused; fused
-  Adagrad; SGD); AdamAR / AdagradAR are refused (their row decay picks the touched rows with
-  ``nonzero()``, a host sync with a data-dependent shape).
+- **optimisers**: only those of :data:`meda.ctr.optim.CAPTURABLE` (Adam with ``capturable=True``, fused; SGD);
+  AdamAR / AdagradAR are refused (their row decay picks the touched rows with ``nonzero()``, a host sync with a
+  data-dependent shape), and so is Adagrad (no fused CUDA kernel in torch; its unfused step calls ``.item()``).
 
 Refused with an error naming the fix (:func:`check_graph`): CPU devices, sparse gradients,
 the torchrec backend, torch.compile, data parallelism (DDP). The loss stays on the device
@@ -61,9 +61,9 @@ def check_graph(config: GraphConfig, device: torch.device, world: int = 1) -> No
         return
     refusals = [
         (config.optimizer.lower() not in CAPTURABLE,
-         f"--optimizer {config.optimizer} cannot be captured (its per-row decay finds the touched rows with "
-         f"nonzero(), a host sync with a data-dependent shape): use --optimizer {' / '.join(CAPTURABLE)}, "
-         "or --graph off"),
+         f"--optimizer {config.optimizer} cannot be captured (its step syncs with the host: AdamAR/AdagradAR "
+         "find the touched rows with nonzero(), Adagrad reads its step count with .item()): use --optimizer "
+         f"{' / '.join(CAPTURABLE)}, or --graph off"),
         (config.sparse_grad, "sparse gradients change shape every step: drop --sparse-grad, or use --graph off"),
         (config.embedding_backend != "native",
          "the torchrec backend's fused kernels are not captured here: use --embedding-backend native, "

@@ -34,8 +34,11 @@ SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
 }
 # optimisers whose step a CUDA graph can hold (``--graph on``, meda.ctr.graph), with the constructor options that
-# make it so; AdamAR / AdagradAR are absent (their row decay finds the touched rows with nonzero(), a host sync)
-CAPTURABLE: dict[str, dict[str, Any]] = {"adam": {"capturable": True}, "adagrad": {}, "sgd": {}}
+# make it so. Absent: AdamAR / AdagradAR (their row decay finds the touched rows with nonzero(), a host sync) and
+# Adagrad (torch has no fused Adagrad on CUDA, and its unfused step reads the step count back with .item())
+CAPTURABLE: dict[str, dict[str, Any]] = {"adam": {"capturable": True}, "sgd": {}}
+# fused optimiser kernels torch does not have on CUDA (measured on torch 2.11: fused Adagrad raises there)
+NOT_FUSED_ON_CUDA = frozenset({"adagrad"})
 # options of the embedding group each optimiser accepts (``--optimizer-option KEY=VALUE``), with defaults
 EMBEDDING_OPTIONS: dict[str, dict[str, float]] = {
     "adamar": {"ar_alpha": 0.01, "ar_decay": 1.0},
@@ -81,10 +84,18 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     # fused kernels: the same update, ~1.6x faster on CPU for large dense embedding tables
-    dense = [OPTIMIZERS[key](groups, lr=lr, fused=True, **graph_options)] if groups else []
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    fused = uses_fused(key, "cuda" if on_cuda else "cpu")
+    dense = [OPTIMIZERS[key](groups, lr=lr, fused=fused, **graph_options)] if groups else []
     if not sparse:
         return dense[0]
     return SplitOptimizer([SPARSE_OPTIMIZERS[key]([{"params": sparse, "name": "embedding-sparse"}], lr=lr), *dense])
+
+
+def uses_fused(name: str, device_type: str) -> bool:
+    """Whether the dense optimiser ``name`` is built with torch's fused kernel on ``device_type``
+    (everywhere but :data:`NOT_FUSED_ON_CUDA` on CUDA, which run torch's default, foreach, kernels)."""
+    return not (device_type == "cuda" and name.lower() in NOT_FUSED_ON_CUDA)
 
 
 def check_sparse_grad(name: str, embedding_l2: float) -> None:
