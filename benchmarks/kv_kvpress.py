@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
-from meda.kv.bench import _StepClock, copy_bandwidth, decode_weight_bytes, text_prompt
+from meda.kv.bench import SpeedCase, _StepClock, copy_bandwidth, decode_weight_bytes, text_prompt
 
 
 def presses() -> dict[str, type]:
@@ -46,8 +46,8 @@ def presses() -> dict[str, type]:
 
 
 def press_key(preset: str, tokens: int, batch: int, name: str, budget: float) -> str:
-    """The row's key, in the format of meda.kv.bench.SpeedCase.key."""
-    return f"{preset}/{tokens}/b{batch}/kvpress-{name}/{budget:g}/stock"
+    """The row's key: meda.kv.bench.SpeedCase's, for method ``kvpress-<name>`` on the stock loop."""
+    return SpeedCase(preset, tokens, batch, f"kvpress-{name}", budget, "stock").key
 
 
 def cache_bytes(cache) -> int:

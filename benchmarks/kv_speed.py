@@ -84,24 +84,6 @@ def decode_plan() -> list[SpeedCase]:
     return plan
 
 
-def next_plan() -> list[SpeedCase]:
-    """What run 3 left unmeasured, most telling first (one GPU call of ~10 minutes; ``--resume`` continues it):
-    the uncaptured-vs-captured static matrix at 32k (every method, 5/10/20%), the prefill inside ``compress``
-    against stock at 128k, batch 8, the long prompts compressed chunk by chunk at 10% (256k, 512k, 1M tokens;
-    peak memory is the answer there), and last the compiled step (its 7B compile time is unknown)."""
-    q, k32, k128 = "qwen2-7b", 32768, 131072
-    methods = ("snapkv", "pyramidkv", "adakv", "meda")
-    plan = [_c(q, k32, 1, "full", 1.0, "stock"), _c(q, k32, 1, "full", 1.0, "static")]
-    plan += [_c(q, k32, 1, m, b, "static") for m in methods for b in (0.05, 0.1, 0.2)]
-    plan += [_c(q, k128, 1, "full", 1.0, "stock"), _c(q, k128, 1, "full", 1.0, "static")]
-    plan += [_c(q, k128, 1, "full", 1.0, "dynamic"), _c(q, k128, 1, "snapkv", 0.05, "static")]
-    plan += [_c(q, k32, 8, "full", 1.0, "stock"), _c(q, k32, 8, "full", 1.0, "static")]
-    plan += [_c(q, k32, 8, m, 0.05, "static") for m in methods]
-    plan += [SpeedCase(q, n, 1, "snapkv", 0.1, "static", chunk=k32) for n in (262144, 524288, 1048576)]
-    plan += [_c(q, k32, 1, "full", 1.0, "compiled"), _c(q, k32, 1, "snapkv", 0.05, "compiled")]  # compile: minutes?
-    return plan
-
-
 def issue_plan() -> list[SpeedCase]:
     """The issue's matrix, trimmed to what two GPU calls can run, in the order they run it (``--resume``
     continues where a call stopped). Qwen2-7B at 32k x 1, 32k x 8 and 128k x 1: stock, full on the fast path,
@@ -139,7 +121,7 @@ def matrix_plan() -> list[SpeedCase]:
     return text + vl
 
 
-PLANS = {"core": core_plan, "decode": decode_plan, "next": next_plan, "issue": issue_plan, "matrix": matrix_plan}
+PLANS = {"core": core_plan, "decode": decode_plan, "issue": issue_plan, "matrix": matrix_plan}
 # (method, budget, decode, captured) of the steps --profile looks at (Qwen2-7B shape, batch 1, --profile-tokens)
 PROFILES = [
     ("full", 1.0, "static", True),
