@@ -192,8 +192,8 @@ def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(
                 assert sample.meta["which"] not in question
             else:
                 assert names[int(question.split()[3]) - 1] == answer
-        if task == "mm-count":  # one follow-up per answer value, so answers do not lean towards 1 or 2
-            assert len({answer for _, answer in turns}) == len(turns)
+        if task == "mm-count":
+            assert sum(answer == "1" for _, answer in turns) <= 1
         messages = [{"role": "user", "content": sample.text.replace("<image>", IMAGE_TOKEN)}]
         messages.append({"role": "assistant", "content": sample.answer})
         for question, answer in turns:

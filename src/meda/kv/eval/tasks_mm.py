@@ -244,6 +244,13 @@ def _check_size(size: int, lowest: int = 2) -> None:
         raise ValueError(f"this task needs at least {lowest} images; got size={size}")
 
 
+def _other(rng: random.Random, exclude: Item) -> Item:
+    while True:
+        item = rng.choice(ITEMS)
+        if item != exclude:
+            return item
+
+
 def needle_question(item: Item) -> str:
     return f"Which image shows a {item.describe()}? Answer with the image number only."
 
@@ -269,7 +276,7 @@ def make_needle(seed: int, size: int) -> Sample:
     rng = random.Random(f"mm-needle/{seed}/{size}")
     target = rng.choice(ITEMS)
     where = rng.randrange(size)
-    items = [target if i == where else _other_than(rng, {target}) for i in range(size)]
+    items = [target if i == where else _other(rng, target) for i in range(size)]
     placements = [random_placement(rng) for _ in items]
     text = _labelled([""] * size, "Image") + needle_question(target)
     return _sample(text, str(where + 1), items, placements, {"target": target.describe(), "position": where + 1})
@@ -278,43 +285,17 @@ def make_needle(seed: int, size: int) -> Sample:
 COUNT_RANGE = (1, 6)
 
 
-def make_count(seed: int, size: int, planted: int = 1) -> Sample:
-    """``size`` images; the target item appears in 1-6 of them (never more than ``size``).
-
-    ``planted > 1`` (training only) also plants up to ``planted - 1`` more distinct items, each in 1-6 of the
-    images left, so that a sample holds several counts worth asking about; the question stays on the first.
-    The evaluation task is ``planted=1``, whose draws these extra items never touch.
-    """
+def make_count(seed: int, size: int) -> Sample:
+    """``size`` images; the target item appears in 1-6 of them (never more than ``size``)."""
     _check_size(size)
     rng = random.Random(f"mm-count/{seed}/{size}")
     target = rng.choice(ITEMS)
     count = rng.randint(COUNT_RANGE[0], min(COUNT_RANGE[1], size))
     where = set(rng.sample(range(size), count))
-    chosen: list[Item | None] = [target if i in where else None for i in range(size)]
-    kept = {target}
-    for _ in range(planted - 1):
-        free = [i for i, item in enumerate(chosen) if item is None]
-        if not free:
-            break
-        extra = rng.choice([item for item in ITEMS if item not in kept])
-        kept.add(extra)
-        for i in rng.sample(free, rng.randint(COUNT_RANGE[0], min(COUNT_RANGE[1], len(free)))):
-            chosen[i] = extra
-    items = [item if item is not None else _other_than(rng, kept) for item in chosen]
+    items = [target if i in where else _other(rng, target) for i in range(size)]
     placements = [random_placement(rng) for _ in items]
     text = _labelled([""] * size, "Image") + count_question(target)
-    meta = {"target": target.describe(), "count": count}
-    if planted > 1:
-        meta["planted"] = {item.describe(): items.count(item) for item in kept}
-    return _sample(text, str(count), items, placements, meta)
-
-
-def _other_than(rng: random.Random, kept: set[Item]) -> Item:
-    """A random item outside ``kept``."""
-    while True:
-        item = rng.choice(ITEMS)
-        if item not in kept:
-            return item
+    return _sample(text, str(count), items, placements, {"target": target.describe(), "count": count})
 
 
 def make_order(seed: int, size: int) -> Sample:

@@ -13,7 +13,6 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -109,30 +108,25 @@ def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> lis
 
     Why: one sample's answer is 2-3 tokens against 600-4,600 prompt tokens, so a step learns from very few
     targets; follow-up turns give the same forward pass several. ``mm-count`` keeps at most one follow-up
-    per answer value (most unplanted items appear once or twice), so the answers do not lean towards 1 or 2.
+    whose answer is 1 (most items of a sample appear once), so the answers do not lean towards 1.
     """
     if task not in _FOLLOW_UP_POOLS:
         raise ValueError(f"no follow-up questions for task {task!r}")
     pool = [qa for qa in _FOLLOW_UP_POOLS[task](sample, rng) if not sample.text.endswith(qa[0])]
     rng.shuffle(pool)
-    if task == "mm-count":  # one turn per answer value: {answer: first turn with it}
-        pool = list({answer: (question, answer) for question, answer in reversed(pool)}.values())
+    if task == "mm-count":
+        ones = [qa for qa in pool if qa[1] == "1"]
+        pool = [qa for qa in pool if qa[1] != "1"] + ones[:1]
         rng.shuffle(pool)
     return pool[:count]
 
-
-# Distinct items planted in a training mm-count sample, each in 1-6 images (the question stays on the
-# first). With one (the evaluation task) a 64-image sample held one count worth asking: the other items
-# of 128 mostly appear once, so its follow-up turns were all "1" (capped to one) and counting got 2-3
-# targets per sample where the needle got 8; the fourth H200 run ended at mm-count 0.48.
-COUNT_PLANTED = 6
 
 # name -> (make, weight in the training mix). Needle and count weigh most: in the third H200 run (equal
 # weights) describe, order and assoc had answer losses of 0.001-0.007 at step 1,200, needle and count 0.5.
 TRAIN_TASKS: dict[str, tuple[Callable[[int, int], Sample], float]] = {
     "describe": (make_describe, 0.1),
     "mm-needle": (make_needle, 0.3),
-    "mm-count": (partial(make_count, planted=COUNT_PLANTED), 0.3),
+    "mm-count": (make_count, 0.3),
     "mm-order": (make_order, 0.15),
     "mm-assoc": (make_assoc, 0.15),
 }
