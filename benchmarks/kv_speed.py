@@ -22,9 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
+
+# Large prefills at batch 8 leave the caching allocator fragmented: without expandable segments the 128k x 8
+# chunked cases ran out of memory with 27 GB reserved but free (run 6). Set before torch is imported.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from meda.kv.bench import SpeedCase, speed_cases
 
