@@ -64,3 +64,21 @@ def test_compiled_graph_decode_matches_dynamic_float32(family: str) -> None:
     assert not report.notes, report.notes  # no compile or capture fallback
     assert torch.equal(out, ref), f"{family}: compiled-graph tokens differ from the dynamic path"
     assert counts["compiled"] == 2 and counts["captures"] == 1 and counts["graph"] == NEW - 3, counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lower_right_chunk_attention_matches_the_explicit_mask_on_cuda(dtype: torch.dtype) -> None:
+    """The prompt-chunk attention without a mask (flash / memory-efficient kernels) equals SDPA with the bool mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from meda.kv.attention import lower_right_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 28, 96, 128, generator=g, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 4, 700, 128, generator=g, device="cuda", dtype=dtype) for _ in range(2))
+    out, _ = lower_right_attention(torch.nn.Module().eval(), q, k, v, causal_lower_right(96, 700), scaling=128**-0.5)
+    mask = torch.arange(700, device="cuda")[None, :] <= torch.arange(96, device="cuda")[:, None] + 604
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(7, dim=1), v.repeat_interleave(7, dim=1), attn_mask=mask
+    )
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-3, rtol=2e-2)

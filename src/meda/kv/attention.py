@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function
 
 SESSION_ATTR = "_meda_session"
 BASES = ("sdpa", "eager")
@@ -27,6 +30,11 @@ BASES = ("sdpa", "eager")
 # plan per shape (cuDNN attention) then re-plan at every layer of every step. These do not. A prefill
 # from an empty cache (as many keys as queries, one shape for every layer) keeps the stock dispatch.
 SHAPE_AGNOSTIC_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# True while a forward feeds a prompt chunk to a cache whose full-attention layers are all a session's compressed
+# layers: the session masks each of them itself, so transformers' own causal mask ([batch, 1, chunk, logical
+# length], built once per forward and then unused: 34 GB for 8 x 128k in chunks of 32k) is not built.
+SESSION_MASKS_ITSELF: ContextVar[bool] = ContextVar("meda_session_masks_itself", default=False)
 
 
 # The static decode attention splits its product with the values (split-K) over long buffers with few KV heads
@@ -125,6 +133,38 @@ def _static_attention(layer, query, kwargs) -> tuple[torch.Tensor, None]:
     return out, None
 
 
+def lower_right_attention(module, query, key, value, bias: CausalBias, **kwargs) -> tuple[torch.Tensor, None]:
+    """A prompt chunk over a compressed layer whose stored keys are all visible: SDPA with ``bias``
+    (``causal_lower_right``: query ``i`` of the chunk sees every kept key and the chunk's keys up to its own).
+
+    query ``[B, Hq, q, D]``, key / value ``[B, Hkv, T, D]``; returns ``[B, q, Hq, D]`` as transformers'
+    attention functions do. No ``[B, H, q, T]`` mask is built: on CUDA this runs the flash or memory-efficient
+    kernel (on the CPU SDPA materialises the bias itself).
+    """
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+    scale = kwargs.get("scaling")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask_maker(base: str) -> Callable:
+    """transformers' mask function for ``base``, except for the full causal mask of a forward that the session masks
+    itself (:data:`SESSION_MASKS_ITSELF`): None. Sliding-window, chunked and custom masks are always built."""
+    stock = ALL_MASK_ATTENTION_FUNCTIONS[base]
+
+    def mask(*args, **kwargs):
+        chunk = kwargs.get("q_length", 1) > 1  # checked first: a (compiled) decode step never reads the flag
+        plain_causal = kwargs.get("mask_function") is causal_mask_function and kwargs.get("local_size") is None
+        if chunk and plain_causal and SESSION_MASKS_ITSELF.get():
+            return None
+        return stock(*args, **kwargs)
+
+    return mask
+
+
 def _make(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         stock = sdpa_attention_forward if base == "sdpa" else _eager_for(module)
@@ -135,6 +175,8 @@ def _make(base: str) -> Callable:
         if static is not None:
             return _static_attention(static, query, kwargs)
         attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
+        if isinstance(attention_mask, CausalBias):
+            return lower_right_attention(module, query, key, value, attention_mask, **kwargs)
         if base == "sdpa" and query.is_cuda and query.shape[-2] != key.shape[-2]:
             with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS):
                 return stock(module, query, key, value, attention_mask, **kwargs)
@@ -149,4 +191,4 @@ def register() -> None:
     for base in BASES:
         name = wrapped_name(base)
         AttentionInterface.register(name, _make(base))
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+        AttentionMaskInterface.register(name, _mask_maker(base))

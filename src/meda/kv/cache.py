@@ -10,6 +10,7 @@ decoded tokens (RoPE and M-RoPE) continue from N, not from the compressed length
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers.cache_utils import Cache, DynamicLayer
 
 
@@ -107,18 +108,25 @@ def cache_bytes(cache: Cache) -> int:
     return total
 
 
-def attention_mask_for(layer: CompressedLayer, q_len: int, n_rep: int, dtype: torch.dtype, additive: bool):
-    """The decode-time attention mask of one compressed layer.
+def attention_mask_for(
+    layer: CompressedLayer, q_len: int, n_rep: int, dtype: torch.dtype, additive: bool
+) -> torch.Tensor | CausalBias | None:
+    """The attention mask of one compressed layer for ``q_len`` new tokens (a decode step or a prompt chunk).
 
     Returns None when every stored key is visible to every query (single-token decode,
-    no empty slots); otherwise a mask ``[batch, kv_heads * n_rep, q_len, stored]``,
-    bool (True = attend) or additive float in ``dtype`` (0 or the dtype's minimum).
-    The last ``q_len`` stored keys are the queries' own tokens: causal among themselves.
+    no empty slots); for SDPA (``additive=False``) with no empty slots, a prompt chunk gets
+    ``torch.nn.attention.bias.causal_lower_right(q_len, stored)``, which SDPA runs without
+    materialising a mask (the flash / memory-efficient kernels on CUDA); otherwise a mask
+    ``[batch, kv_heads * n_rep, q_len, stored]``, bool (True = attend) or additive float in
+    ``dtype`` (0 or the dtype's minimum). The last ``q_len`` stored keys are the queries' own
+    tokens: causal among themselves.
     """
     if q_len == 1 and layer.all_valid:
         return None
     km = layer.key_mask  # [B, Hkv, T]
     t = km.shape[-1]
+    if layer.all_valid and not additive:
+        return causal_lower_right(q_len, t)
     mask = km.repeat_interleave(n_rep, dim=1)[:, :, None, :].expand(-1, -1, q_len, -1)
     if q_len > 1:
         q_idx = torch.arange(q_len, device=km.device)[:, None]

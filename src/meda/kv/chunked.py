@@ -75,6 +75,7 @@ class ChunkedPrefill:
         groups = session._groups
         self.source = groups.source
         self.seen = groups.valid.sum(-1)  # [B] valid prompt tokens so far
+        self.entropy_seen = self.seen.clone()  # [B] tokens the running entropy averages over
         self.chunks = 1
         self.layers: dict[int, LayerState] = {}
         for idx, sel in selections.items():
@@ -149,7 +150,21 @@ class ChunkedPrefill:
         )
         if self.source == "vision" and groups.source != "vision":  # a text chunk after an image: all text
             groups.vision = torch.zeros_like(groups.valid)
+        elif self.source == "text" and groups.source == "vision":
+            self._first_images(session, groups)
         return groups
+
+    def _first_images(self, session, groups) -> None:
+        """Images arrive after text-only chunks: from here on the groups are vision vs text, so every earlier
+        token (counted as context or question so far) is text, and the running entropy starts over with this
+        chunk (the text-only chunks measured context-vs-question entropy, another quantity)."""
+        self.source = "vision"
+        self.entropy_seen = torch.zeros_like(self.seen)
+        for state in self.layers.values():
+            state.vision = torch.zeros_like(state.vision)
+        rep = session.report
+        rep.groups = groups.source
+        rep.notes = [n for n in rep.notes if not n.startswith("no vision tokens in the prompt")]
 
     def _chunk_statistics(self, session, module, layer, state: LayerState, query, key, chunk):
         """Scores ``[B, Hkv, T]`` and entropy ``[B]`` (or None) of this chunk's queries, per KV head."""
@@ -194,6 +209,7 @@ class ChunkedPrefill:
         for idx in layers:
             self._fold(idx, cache.layers[idx], *self.pending[idx], chunk_valid, chunk_vision, r.scorer)
         self.seen = self.seen + new_tokens
+        self.entropy_seen = self.entropy_seen + new_tokens
         self.chunks += 1
         if r.needs_entropy:
             session._entropy = {i: self.layers[i].entropy for i in layers}
@@ -257,7 +273,8 @@ class ChunkedPrefill:
             state.scores = state.position.float()
         if ent is not None:
             n_new = chunk_valid.sum(-1).float()
-            state.entropy = (state.entropy * self.seen.float() + ent * n_new) / (self.seen.float() + n_new).clamp_min(1)
+            seen = self.entropy_seen.float()
+            state.entropy = (state.entropy * seen + ent * n_new) / (seen + n_new).clamp_min(1)
 
     def _trim_layer(self, session, idx: int, layer, keep: Tensor):
         """Select (and merge) every KV head of one layer on its own valid slots; returns the new layer,

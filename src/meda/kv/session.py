@@ -19,7 +19,7 @@ import weakref
 import torch
 
 from meda.kv import allocation, entropy, merging, scoring, selection, sparsity
-from meda.kv.attention import SESSION_ATTR, wrapped_name
+from meda.kv.attention import SESSION_ATTR, SESSION_MASKS_ITSELF, wrapped_name
 from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
 from meda.kv.chunked import ChunkedPrefill
 from meda.kv.fast_decode import StaticDecoder
@@ -138,6 +138,7 @@ class CompressionSession:
             else:
                 self.model.forward = self._saved_forward
             self.report.notes.extend(n for n in self.decoder.notes if n not in self.report.notes)
+        SESSION_MASKS_ITSELF.set(False)
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -169,8 +170,21 @@ class CompressionSession:
             "attention_mask": kwargs.get("attention_mask"),
             "mm_token_type_ids": kwargs.get("mm_token_type_ids"),
         }
+        new = kwargs.get("inputs_embeds") if input_ids is None else input_ids
+        chunk = new is not None and new.shape[1] > 1
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        SESSION_MASKS_ITSELF.set(chunk and self._masks_every_full_layer(cache))
+
+    def _masks_every_full_layer(self, cache) -> bool:
+        """Whether every full-attention layer of ``cache`` is one of this session's compressed layers: its attention
+        then gets the session's own mask (see :func:`attention_mask_for`), never transformers'."""
+        layers = getattr(cache, "layers", None)
+        if not layers or len(layers) != len(self.modules):
+            return False
+        return all(self._cache_layers.get(i) is layers[i] for i in range(len(layers)) if i not in self.layers.sliding)
 
     def _after_forward(self, module, args, kwargs, output):
+        SESSION_MASKS_ITSELF.set(False)
         if not self._prefill_seen and self._continued is None:
             return output
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
