@@ -1,0 +1,75 @@
+"""Where a VLM miscounts on mm-count: its full-cache answer against the truth, per size and per error.
+
+Answers every held-out mm-count sample (seeds ``--seed`` .. ``--seed + --samples - 1`` at each size) with the
+full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size and a table of (answer - truth).
+
+    python benchmarks/vlm_count_errors.py --sizes 8,16,32,64 --samples 12 --json docs/results/vlm_count_errors_cpu.json
+    python benchmarks/vlm_count_errors.py --model runs/vlm/checkpoint --device cuda     # a training run's weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from meda.kv.eval.fidelity import reference_run
+from meda.kv.eval.harness import resolve_tasks
+from meda.kv.eval.inputs import eos_ids, sample_inputs
+from meda.kv.models import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="meda-vlm-mini", help="alias or checkpoint folder (default: the shipped VLM)")
+    p.add_argument("--sizes", default="8,16,32,64", help="comma list of image counts")
+    p.add_argument("--samples", type=int, default=12, help="samples per size")
+    p.add_argument("--seed", type=int, default=0, help="first held-out seed (sample i uses seed + i)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write every answer here")
+    args = p.parse_args()
+
+    model, processor = load_model(args.model, device=args.device)
+    task = resolve_tasks(["mm-count"])[0]
+    eos, tokenizer = eos_ids(model, processor), getattr(processor, "tokenizer", processor)
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for seed in range(args.seed, args.seed + args.samples):
+            sample = task.make(seed, size)
+            with torch.inference_mode():
+                inputs = sample_inputs(processor, sample, device=args.device)
+                ref = reference_run(model, inputs, task.max_new_tokens, eos)
+            answer = tokenizer.decode(ref.tokens, skip_special_tokens=True).strip()
+            rows.append(
+                {
+                    "size": size,
+                    "seed": seed,
+                    "truth": sample.answer,
+                    "answer": answer,
+                    "correct": bool(task.score(answer, sample)),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    for size in sorted({r["size"] for r in rows}):
+        of_size = [r for r in rows if r["size"] == size]
+        accuracy = sum(r["correct"] for r in of_size) / len(of_size)
+        print(f"{size} images: accuracy {accuracy:.2f} ({len(of_size)} samples)")
+    offsets = Counter(_offset(r) for r in rows)
+    print("answer - truth:", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items(), key=lambda kv: str(kv[0]))))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=1) + "\n")
+
+
+def _offset(row: dict) -> int | str:
+    try:
+        return int(row["answer"].split()[0]) - int(row["truth"])
+    except (ValueError, IndexError):
+        return "not a number"
+
+
+if __name__ == "__main__":
+    main()
