@@ -5,6 +5,10 @@ full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size and a
 
     python benchmarks/vlm_count_errors.py --sizes 8,16,32,64 --samples 12 --json docs/results/vlm_count_errors_cpu.json
     python benchmarks/vlm_count_errors.py --model runs/vlm/checkpoint --device cuda     # a training run's weights
+    python benchmarks/vlm_count_errors.py --sizes 16 --samples 24 --half-match 1   # every other image a hard negative
+
+``--half-match S`` draws that share of the other images among the items with the target's colour or its kind
+(not both): hard negatives. The evaluation task (0) draws them uniformly, about 17% of them such items.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from meda.kv.eval.fidelity import reference_run
 from meda.kv.eval.harness import resolve_tasks
 from meda.kv.eval.inputs import eos_ids, sample_inputs
+from meda.kv.eval.tasks_mm import make_count
 from meda.kv.models import load_model
 
 
@@ -28,6 +33,7 @@ def main() -> None:
     p.add_argument("--sizes", default="8,16,32,64", help="comma list of image counts")
     p.add_argument("--samples", type=int, default=12, help="samples per size")
     p.add_argument("--seed", type=int, default=0, help="first held-out seed (sample i uses seed + i)")
+    p.add_argument("--half-match", type=float, default=0.0, help="share of hard negatives among the other images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="write every answer here")
     args = p.parse_args()
@@ -38,7 +44,7 @@ def main() -> None:
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for seed in range(args.seed, args.seed + args.samples):
-            sample = task.make(seed, size)
+            sample = make_count(seed, size, args.half_match)
             with torch.inference_mode():
                 inputs = sample_inputs(processor, sample, device=args.device)
                 ref = reference_run(model, inputs, task.max_new_tokens, eos)
@@ -61,7 +67,8 @@ def main() -> None:
     print("answer - truth:", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items(), key=lambda kv: str(kv[0]))))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "rows": rows}, indent=1) + "\n")
+        payload = {"model": args.model, "half_match": args.half_match, "rows": rows}
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 def _offset(row: dict) -> int | str:

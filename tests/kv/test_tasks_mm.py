@@ -101,3 +101,17 @@ def test_bad_sizes_are_refused_with_the_reason() -> None:
         get_task("mm-order").make(0, 2)
     with pytest.raises(ValueError, match="at most"):
         get_task("mm-assoc").make(0, 1000)
+
+
+def test_count_hard_negatives_share_one_attribute_and_leave_the_default_unchanged() -> None:
+    from meda.kv.eval.tasks_mm import ITEMS, make_count
+
+    default = make_count(3, 32)
+    assert make_count(3, 32, half_match=0.0).meta == default.meta  # the evaluation samples do not move
+    hard = make_count(3, 32, half_match=1.0)
+    target = hard.meta["target"]
+    assert hard.meta["items"].count(target) == int(hard.answer)
+    by_name = {item.describe(): item for item in ITEMS}
+    t = by_name[target]
+    others = [by_name[n] for n in hard.meta["items"] if n != target]
+    assert others and all((o.colour == t.colour) != (o.kind == t.kind) for o in others)

@@ -163,6 +163,23 @@ def test_training_batches_use_training_seeds_only_and_mark_the_answer(processor,
     assert data.make_batch(processor, 0, 3, 8, 2000).input_ids.equal(batch.input_ids)  # same index, same batch
 
 
+@needs_smollm2
+def test_count_batches_pass_the_hard_negative_share_to_the_task(processor, monkeypatch) -> None:
+    from meda.kv.vlm import data
+
+    shares: list[float] = []
+    make_count = data.make_count
+
+    def recording(seed, size, half_match=0.0):
+        shares.append(half_match)
+        return make_count(seed, size, half_match)
+
+    monkeypatch.setattr(data, "make_count", recording)
+    index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")
+    data.make_batch(processor, 0, index, 8, 2000, count_half_match=0.5)
+    assert shares and set(shares) == {0.5}
+
+
 @pytest.mark.parametrize("task", ["describe", "mm-needle", "mm-count", "mm-order", "mm-assoc"])
 def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(processor, task) -> None:
     """A training row with follow-up questions is exactly the chat template's multi-turn conversation, and

@@ -251,6 +251,11 @@ def _other(rng: random.Random, exclude: Item) -> Item:
             return item
 
 
+def _half_match(rng: random.Random, target: Item) -> Item:
+    """An item with the target's colour or its kind, not both (what the shipped VLM over-counts)."""
+    return rng.choice([i for i in ITEMS if (i.colour == target.colour) != (i.kind == target.kind)])
+
+
 def needle_question(item: Item) -> str:
     return f"Which image shows a {item.describe()}? Answer with the image number only."
 
@@ -285,14 +290,23 @@ def make_needle(seed: int, size: int) -> Sample:
 COUNT_RANGE = (1, 6)
 
 
-def make_count(seed: int, size: int) -> Sample:
-    """``size`` images; the target item appears in 1-6 of them (never more than ``size``)."""
+def make_count(seed: int, size: int, half_match: float = 0.0) -> Sample:
+    """``size`` images; the target item appears in 1-6 of them (never more than ``size``).
+
+    ``half_match``: the share of the other images drawn among the items that have the target's colour or its
+    kind (not both); 0 (the evaluation task) draws them uniformly, about 17% of them such items. Training
+    only: hard negatives for counting (docs/vlm.md, "Where counting fails").
+    """
     _check_size(size)
     rng = random.Random(f"mm-count/{seed}/{size}")
     target = rng.choice(ITEMS)
     count = rng.randint(COUNT_RANGE[0], min(COUNT_RANGE[1], size))
     where = set(rng.sample(range(size), count))
-    items = [target if i in where else _other(rng, target) for i in range(size)]
+
+    def other() -> Item:  # no extra draw at half_match=0: the evaluation samples stay exactly as they were
+        return _half_match(rng, target) if half_match > 0 and rng.random() < half_match else _other(rng, target)
+
+    items = [target if i in where else other() for i in range(size)]
     placements = [random_placement(rng) for _ in items]
     text = _labelled([""] * size, "Image") + count_question(target)
     return _sample(text, str(count), items, placements, {"target": target.describe(), "count": count})

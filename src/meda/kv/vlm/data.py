@@ -9,6 +9,7 @@ that resumes at batch ``index`` sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -197,14 +198,18 @@ def make_batch(
     tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
     describe_first: int = 0,
     questions: int = 1,
+    count_half_match: float = 0.0,
 ) -> Batch:
     """Batch ``index`` of the stream ``seed``: as many samples of one task and size as fit the token budget,
     each with up to ``questions`` question-answer turns (the task's own question, then
-    :func:`follow_ups`; every answer and its end-of-turn token is a target)."""
+    :func:`follow_ups`; every answer and its end-of-turn token is a target). ``count_half_match``: the share
+    of hard negatives among mm-count's other images (:func:`~meda.kv.eval.tasks_mm.make_count`)."""
     task, size, salt = draw_spec(seed, index, max_images, tasks, describe_first)
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
+    if task == "mm-count" and count_half_match > 0:
+        make = functools.partial(make_count, half_match=count_half_match)
     tokenizer = processor.tokenizer
     rows, pixels, spans, items = [], [], [], []
     for j in range(count):
@@ -245,10 +250,11 @@ class BatchStream(torch.utils.data.IterableDataset):
         tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
         describe_first: int = 0,
         questions: int = 1,
+        count_half_match: float = 0.0,
     ) -> None:
         super().__init__()
         self.processor, self.seed, self.start, self.tasks = processor, seed, start, tasks
-        self.describe_first, self.questions = describe_first, questions
+        self.describe_first, self.questions, self.count_half_match = describe_first, questions, count_half_match
         self.max_images, self.tokens_per_batch = max_images, tokens_per_batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -265,5 +271,6 @@ class BatchStream(torch.utils.data.IterableDataset):
                 self.tasks,
                 self.describe_first,
                 self.questions,
+                self.count_half_match,
             )
             index += workers

@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="question-answer turns per training sample: the task's question, then follow-ups on the same images",
     )
     p.add_argument(
+        "--count-half-match",
+        type=float,
+        default=0.0,
+        help="share of mm-count's other images that have the target's colour or its kind (hard negatives; "
+        "0 draws them uniformly, as the evaluation task does and as the shipped weights were trained)",
+    )
+    p.add_argument(
         "--norm-weight",
         type=float,
         default=1.0,
@@ -304,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
+    if not 0.0 <= args.count_half_match <= 1.0:
+        raise SystemExit(f"--count-half-match must be between 0 and 1, got {args.count_half_match}")
     stream = BatchStream(
-        processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first, args.questions
+        processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first, args.questions,
+        args.count_half_match,
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
