@@ -150,7 +150,7 @@ def measure(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.resume and out.exists():
-        done = {r["key"] for r in _read([out]) if _measured(r)}
+        done = {r["key"] for r in _read([out]) if _measured(r, retry_oom=args.retry_oom)}
         skipped = [c.key for c in cases if c.key in done]
         cases = [c for c in cases if c.key not in done]
         print(f"resume: {len(skipped)} case(s) already in {out}, {len(cases)} to run", flush=True)
@@ -175,12 +175,12 @@ def measure(args: argparse.Namespace) -> None:
     print_rows(rows)
 
 
-def _measured(row: dict) -> bool:
+def _measured(row: dict, *, retry_oom: bool = False) -> bool:
     """A case that need not run again: it has its figures, or it ran out of GPU memory (a result: it does not
-    fit); any other error runs again."""
+    fit; ``retry_oom`` runs it again, after a change to the code's memory); any other error runs again."""
     if row.get("kind") in EXTRA_KINDS:
         return False
-    return "error" not in row or str(row["error"]).startswith("OutOfMemoryError")
+    return "error" not in row or (not retry_oom and str(row["error"]).startswith("OutOfMemoryError"))
 
 
 def _write(f, row: dict) -> list[dict]:
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default="", help="comma list of substrings of case keys to run")
     p.add_argument("--out", default="runs/kv_speed.jsonl", help="JSON-lines file the rows are appended to")
     p.add_argument("--resume", action="store_true", help="skip cases already measured in --out")
+    p.add_argument(
+        "--retry-oom", action="store_true", help="with --resume: run again the cases that ran out of GPU memory"
+    )
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per case")
     p.add_argument("--image-side", type=int, default=128, help="image grid side (patches) of the VL prompt")
     p.add_argument("--profile", action="store_true", help="after the cases, profile the decode steps of PROFILES")

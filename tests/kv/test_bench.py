@@ -48,6 +48,15 @@ def test_every_plan_has_unique_keys() -> None:
         assert len(keys) == len(set(keys)), name
 
 
+def test_resume_skips_measured_and_out_of_memory_cases_unless_asked() -> None:
+    measured = _kv_speed()._measured
+    assert measured({"key": "a", "decode_ms_per_token": 9.5})
+    assert measured({"key": "a", "error": "OutOfMemoryError: CUDA out of memory."})
+    assert not measured({"key": "a", "error": "OutOfMemoryError: CUDA out of memory."}, retry_oom=True)
+    assert not measured({"key": "a", "error": "RuntimeError: size mismatch"})
+    assert not measured({"kind": "device"})
+
+
 def test_report_tabulates_cases_profiles_and_the_attention_microbenchmark(tmp_path) -> None:
     kv_speed = _kv_speed()
     runs = [ROOT / "docs/results/kv_speed_h200_run2.jsonl", ROOT / "docs/results/kv_speed_h200_run3.jsonl"]
