@@ -232,8 +232,10 @@ def _read(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def report(paths: list[Path], md: Path, png: Path | None) -> None:
-    """Markdown table (one row per case, latest measurement wins) and, optionally, the PNG."""
+def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = False) -> None:
+    """Markdown table (one row per case, latest measurement wins) and, optionally, the PNG: one line per method
+    and run, or with ``one_series`` one line per method over all the files (runs that fill in each other's
+    cells, not runs of different code)."""
     rows = _read(paths)  # each row remembers its file: runs before and after a code change stay apart
     devices = [r for r in rows if r.get("kind") == "device"]
     runs = {r["key"]: r for r in rows if r.get("kind") not in EXTRA_KINDS and "error" not in r}
@@ -276,7 +278,7 @@ def report(paths: list[Path], md: Path, png: Path | None) -> None:
     md.write_text("\n".join(lines) + "\n")
     print(md.read_text())
     if png is not None:
-        _plot(list(runs.values()), png)
+        _plot([{**r, "run": "all runs"} if one_series else r for r in runs.values()], png)
 
 
 # kernel classes of a profiled step, by kernel name (first match wins)
@@ -361,7 +363,8 @@ def _plot(runs: list[dict], png: Path) -> None:
             ax.plot(*zip(*pts, strict=True), **style, label=f"{method} ({decode}, {run})")
         floor = sorted({(r["budget"], r["floor_ms"]) for r in rs if r["decode"] in FAST})
         if floor:
-            ax.plot(*zip(*floor, strict=True), "k--", lw=1, label="bandwidth floor")
+            # a tick marker: a case at one budget (the long prompts) still shows its floor
+            ax.plot(*zip(*floor, strict=True), "k--", lw=1, marker="_", ms=14, label="bandwidth floor")
         for r in rs:
             if _is_stock(r):
                 ax.axhline(r["decode_ms_per_token"], color="r", ls=":", label="stock loop, full cache")
@@ -406,9 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", nargs="+", type=Path, help="JSON-lines files to tabulate (no GPU needed)")
     p.add_argument("--md", type=Path, default=Path("docs/results/kv_speed_h200.md"), help="markdown table out")
     p.add_argument("--png", type=Path, default=None, help="PNG of decode ms/token vs budget (with --report)")
+    p.add_argument(
+        "--one-series", action="store_true", help="with --png: one line per method over all --report files"
+    )
     args = p.parse_args(argv)
     if args.report:
-        report(args.report, args.md, args.png)
+        report(args.report, args.md, args.png, one_series=args.one_series)
     elif args.list:
         for case in PLANS[args.plan]():
             print(case.key)
