@@ -221,11 +221,11 @@ def train(
     from meda.ctr import distributed
     from meda.ctr.checkpoint import ResumeError
     from meda.ctr.data import load_dataset
-    from meda.ctr.experiment import epoch_table, parse_modes, run_modes, summary_table
+    from meda.ctr.experiment import parse_modes, run_modes
     from meda.ctr.schedule import apply_schedule
     from meda.ctr.shards import is_sharded
     from meda.ctr.train import TrainConfig
-    from meda.report import console, print_json, print_table
+    from meda.report import console
 
     try:
         modes = parse_modes(mode)
@@ -265,10 +265,17 @@ def train(
         results = run_modes(dataset, modes, config, out, plot=plot, resume=resume, log=log)
     except ResumeError as err:
         raise typer.BadParameter(str(err), param_hint="--resume") from err
-    main = distributed.is_main()
     distributed.finish()
-    if not main:
-        return
+    if distributed.is_main():
+        _print_results(results, modes, model, monitor, dataset.report, out, json_out)
+    distributed.leave()
+
+
+def _print_results(results: dict, modes: list[str], model: str, monitor: str, report: dict, out, json_out: bool):
+    """What ``meda ctr train`` prints once training is done (rank 0 only under torchrun)."""
+    from meda.ctr.experiment import epoch_table, summary_table
+    from meda.report import console, print_json, print_table
+
     if json_out:
         print_json(results if len(modes) > 1 else results[modes[0]])
         return
@@ -278,7 +285,7 @@ def train(
         console.print(f"best epoch (by {monitor}): {payload['best']['epoch']}")
     else:
         print_table(f"{model}: test AUC per epoch", *summary_table(results))
-    skipped = dataset.report.get("skipped_rows") or {}
+    skipped = report.get("skipped_rows") or {}
     if skipped:
         console.print(f"skipped rows: {skipped}")
     console.print(f"wrote {out}")

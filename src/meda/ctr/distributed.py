@@ -9,6 +9,7 @@ same code path trains in one process and in many.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,14 +56,24 @@ def local_device(device: torch.device) -> torch.device:
 
 
 def finish() -> None:
-    """Leave the process group once every rank is done (no-op in one process).
-
-    A gloo group left to the interpreter's exit can abort a rank at shutdown ("terminate called without
-    an active exception", seen in CI after a finished run); destroying it after a barrier avoids that.
-    """
+    """Wait until every rank is done (no-op in one process); the ranks then end with :func:`leave`."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def leave() -> None:
+    """End a torchrun rank whose work is done and whose output is written: flush and ``os._exit(0)``.
+
+    A gloo process group left to the interpreter's exit has aborted a rank after a finished run in CI
+    ("terminate called without an active exception", exit code -6), and so did destroying it after a
+    barrier: the group's C++ threads are still joinable when their destructors run. After :func:`finish`'s
+    barrier nothing is left to do, so the rank leaves without running them. No-op in one process.
+    """
+    if not launched():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def barrier() -> None:
