@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function
 
 SESSION_ATTR = "_meda_session"
@@ -142,8 +142,7 @@ def lower_right_attention(module, query, key, value, bias: CausalBias, **kwargs)
     kernel (on the CPU SDPA materialises the bias itself).
     """
     n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # transformers' own GQA expansion
     dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     scale = kwargs.get("scaling")
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
