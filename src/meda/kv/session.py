@@ -461,7 +461,7 @@ class CompressionSession:
         cols, clipped = [], 0
         statistic = {"entropy": self._entropy, "density": self._density}.get(r.allocator)  # per-layer [B]
         for b in range(batch):
-            stat = torch.stack([statistic[i][b] for i in layers]).float().cpu() if statistic is not None else None
+            stat = torch.stack([statistic[i][b].float().cpu() for i in layers]) if statistic is not None else None
             res = allocation.ALLOCATORS[r.allocator](stat, num_layers, rho[b], r.tau, r.floor(rho[b]))
             cols.append(res.fractions.float().cpu())
             clipped = max(clipped, res.clipped_layers)
