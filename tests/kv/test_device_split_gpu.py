@@ -6,6 +6,8 @@ compressed cache and the static decode path, with each layer's tensors on that l
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -29,23 +31,25 @@ def _split(family: str):
     return t, dispatch_model(t.model, device_map=device_map)
 
 
+def _greedy(model, inputs, method: str | None = None, budget: float = 1.0, decode: str = "dynamic"):
+    """Greedy tokens ``[B, prompt + NEW]`` and the report (None without ``method``: the model as it is)."""
+    session = compress(model, method, budget, decode=decode) if method else contextlib.nullcontext()
+    with torch.inference_mode(), session as report:
+        out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    return out, report
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
 def test_split_model_budget_one_equals_uncompressed_and_methods_run(family: str) -> None:
     t, model = _split(family)
+    assert {"cpu", "cuda:0"} <= {str(p.device) for p in model.parameters()}
     inputs = t.inputs(2)  # left-padded batch, on the CPU (accelerate's hooks move them)
-    with torch.inference_mode():
-        ref = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    ref, _ = _greedy(model, inputs)
     for decode in ("dynamic", "static"):
-        with torch.inference_mode(), compress(model, "full", 1.0, decode=decode) as report:
-            out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        out, _ = _greedy(model, inputs, "full", 1.0, decode)
         assert torch.equal(out, ref), f"{family}/{decode}: budget 1.0 on a split model changed the tokens"
-    devices = set()
     for method in ("snapkv", "adakv", "meda"):
-        with torch.inference_mode(), compress(model, method, 0.4, decode="dynamic") as report:
-            dyn = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-        with torch.inference_mode(), compress(model, method, 0.4, decode="static") as report:
-            sta = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-            devices = {str(p.device) for p in model.parameters()}
+        dyn, _ = _greedy(model, inputs, method, 0.4, "dynamic")
+        sta, report = _greedy(model, inputs, method, 0.4, "static")
         assert torch.equal(sta, dyn), f"{family}/{method}: static differs from dynamic on a split model"
         assert report.kept_fraction < 0.9, report
-    assert {"cpu", "cuda:0"} <= devices
