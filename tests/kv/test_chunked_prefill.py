@@ -254,3 +254,65 @@ def test_vlm_prompt_with_images_in_chunks_is_exact_at_full_budget(method: str) -
     assert report.prefill_tokens == 96
     if method == "meda":
         assert report.groups == "vision"
+
+
+def test_valid_slot_attention_matches_sdpa_with_the_explicit_mask() -> None:
+    """Rows with holes among the kept slots, one row whose KV heads differ: the gathered attention equals the mask."""
+    from types import SimpleNamespace
+
+    from meda.kv.attention import valid_slot_attention
+    from meda.kv.cache import ValidSlots, attention_mask_for
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in [(6, 5), (2, 14), (2, 14)])
+    key_mask = torch.ones(2, 2, 14, dtype=torch.bool)
+    key_mask[0, :, 6:9] = False  # row 0: both heads kept 6 of 9 slots
+    key_mask[1, 0, [2, 8]] = False  # row 1: the heads kept different slots
+    key_mask[1, 1, 0] = False
+    out, _ = valid_slot_attention(torch.nn.Module().eval(), q, k, v, ValidSlots(key_mask), scaling=0.3)
+    mask = attention_mask_for(SimpleNamespace(key_mask=key_mask, all_valid=False), 5, 3, q.dtype, additive=False)
+    scores = q @ k.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.3
+    ref = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v.repeat_interleave(3, dim=1)
+    assert out.shape == (2, 5, 6, 16)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize("method", ["meda", "adakv"])
+def test_chunks_over_kept_slots_with_holes_skip_the_explicit_mask(method: str, monkeypatch) -> None:
+    """A padded batch below budget 1.0 keeps a different number of tokens per row (MEDA: per-row entropy budgets;
+    AdaKV: per-head budgets), so later chunks see empty slots: they attend over the gathered valid slots, with the
+    logits of the explicit-mask path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from meda.kv import attention
+    from meda.kv.cache import attention_mask_for
+
+    t = tiny()
+    inputs = t.inputs(2, lengths=[96, 84])
+    calls = []
+    gathered = attention.valid_slot_attention
+
+    def spy(module, query, key, value, slots, **kwargs):
+        calls.append(module.layer_idx)
+        return gathered(module, query, key, value, slots, **kwargs)
+
+    def explicit(module, query, key, value, slots, **kwargs):  # the reference: SDPA with the full bool mask
+        layer = type("Holes", (), {"key_mask": slots.key_mask, "all_valid": False})
+        mask = attention_mask_for(layer, query.shape[-2], query.shape[1] // key.shape[1], query.dtype, False)
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    def scores():
+        with compress(t.model, method, 0.5, window=8), torch.inference_mode():
+            out = t.model.generate(
+                **inputs, max_new_tokens=NEW, do_sample=False, prefill_chunk_size=32,
+                output_scores=True, return_dict_in_generate=True,
+            )
+        return out.sequences, torch.stack(out.scores)
+
+    monkeypatch.setattr(attention, "valid_slot_attention", spy)
+    fast_tokens, fast = scores()
+    assert calls, "no chunk attended over slots with holes: the test does not exercise the gathered path"
+    monkeypatch.setattr(attention, "valid_slot_attention", explicit)
+    ref_tokens, ref = scores()
+    torch.testing.assert_close(fast, ref)
+    assert torch.equal(fast_tokens, ref_tokens)

@@ -82,3 +82,26 @@ def test_lower_right_chunk_attention_matches_the_explicit_mask_on_cuda(dtype: to
         q, k.repeat_interleave(7, dim=1), v.repeat_interleave(7, dim=1), attn_mask=mask
     )
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_valid_slot_chunk_attention_matches_the_explicit_mask_on_cuda(dtype: torch.dtype) -> None:
+    """Kept slots with holes (rows of different budgets, one row with uneven heads): the gathered attention equals
+    SDPA with the bool mask."""
+    from types import SimpleNamespace
+
+    from meda.kv.attention import valid_slot_attention
+    from meda.kv.cache import ValidSlots, attention_mask_for
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 28, 96, 128, generator=g, device="cuda", dtype=dtype)
+    k, v = (torch.randn(2, 4, 700, 128, generator=g, device="cuda", dtype=dtype) for _ in range(2))
+    key_mask = torch.ones(2, 4, 700, dtype=torch.bool, device="cuda")
+    key_mask[0, :, 500:604] = False
+    key_mask[1, 2, 10:40] = False
+    out, _ = valid_slot_attention(torch.nn.Module().eval(), q, k, v, ValidSlots(key_mask), scaling=128**-0.5)
+    mask = attention_mask_for(SimpleNamespace(key_mask=key_mask, all_valid=False), 96, 7, dtype, additive=False)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(7, dim=1), v.repeat_interleave(7, dim=1), attn_mask=mask
+    )
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-3, rtol=2e-2)

@@ -19,10 +19,12 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import CausalBias
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, causal_mask_function
+
+from meda.kv.cache import ValidSlots
 
 SESSION_ATTR = "_meda_session"
 BASES = ("sdpa", "eager")
@@ -149,6 +151,33 @@ def lower_right_attention(module, query, key, value, bias: CausalBias, **kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 
+def valid_slot_attention(module, query, key, value, slots: ValidSlots, **kwargs) -> tuple[torch.Tensor, None]:
+    """A prompt chunk over a compressed layer with empty slots (rows or heads that kept fewer tokens than the
+    widest): per batch row, and per KV head where the row's heads differ, the valid slots are gathered and the
+    chunk attends over them with :func:`lower_right_attention` (the chunk is their last ``q`` tokens).
+
+    query ``[B, Hq, q, D]``, key / value ``[B, Hkv, T, D]``, ``slots.key_mask`` ``[B, Hkv, T]``; returns
+    ``[B, q, Hq, D]``. Equal to SDPA with the explicit ``[B, Hq, q, T]`` mask, without building it: the copies
+    are one row's kept keys and values at a time.
+    """
+    q_len, kv_heads = query.shape[-2], key.shape[1]
+    group = query.shape[1] // kv_heads
+    rows = []
+    for b in range(query.shape[0]):
+        mask = slots.key_mask[b]  # [Hkv, T]
+        shared = bool((mask == mask[:1]).all())
+        heads = [slice(0, kv_heads)] if shared else [slice(h, h + 1) for h in range(kv_heads)]
+        parts = []
+        for hs in heads:
+            idx = mask[hs.start].nonzero().squeeze(-1)  # the valid slots, ascending: the chunk's are the last q_len
+            k = key[b : b + 1, hs].index_select(2, idx)
+            v = value[b : b + 1, hs].index_select(2, idx)
+            q = query[b : b + 1, hs.start * group : hs.stop * group]
+            parts.append(lower_right_attention(module, q, k, v, causal_lower_right(q_len, idx.numel()), **kwargs)[0])
+        rows.append(torch.cat(parts, dim=2))  # [1, q, Hq, D]
+    return torch.cat(rows, dim=0), None
+
+
 def _mask_maker(base: str) -> Callable:
     """transformers' mask function for ``base``, except for the full causal mask of a forward that the session masks
     itself (:data:`SESSION_MASKS_ITSELF`): None. Sliding-window, chunked and custom masks are always built."""
@@ -176,6 +205,8 @@ def _make(base: str) -> Callable:
         attention_mask = session.on_attention(module, query, key, attention_mask, additive=base == "eager")
         if isinstance(attention_mask, CausalBias):
             return lower_right_attention(module, query, key, value, attention_mask, **kwargs)
+        if isinstance(attention_mask, ValidSlots):
+            return valid_slot_attention(module, query, key, value, attention_mask, **kwargs)
         if base == "sdpa" and query.is_cuda and query.shape[-2] != key.shape[-2]:
             with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS):
                 return stock(module, query, key, value, attention_mask, **kwargs)

@@ -9,6 +9,8 @@ decoded tokens (RoPE and M-RoPE) continue from N, not from the compressed length
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers.cache_utils import Cache, DynamicLayer
@@ -106,6 +108,21 @@ def cache_bytes(cache: Cache) -> int:
         elif getattr(layer, "is_initialized", False):
             total += tensor_bytes(layer.keys) + tensor_bytes(layer.values)
     return total
+
+
+@dataclass(frozen=True)
+class ValidSlots:
+    """What a prompt chunk attends over when some stored slots are empty but none of the chunk's own tokens is
+    padding: per batch row (and KV head where the heads differ) only the valid slots, gathered into one
+    contiguous sequence whose last ``q_len`` tokens are the chunk (:func:`meda.kv.attention.valid_slot_attention`).
+    It replaces a ``[batch, heads, q_len, stored]`` mask (15 GB at 8 x 32k queries over 58k slots) and keeps
+    the flash / memory-efficient kernels.
+
+    Attributes:
+        key_mask: bool ``[batch, kv_heads, stored]``, the layer's key mask (the chunk's slots all True).
+    """
+
+    key_mask: torch.Tensor
 
 
 def attention_mask_for(

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from meda.kv import allocation, entropy, merging, scoring, selection
-from meda.kv.cache import CompressedLayer, attention_mask_for, cache_bytes
+from meda.kv.cache import CompressedLayer, ValidSlots, attention_mask_for, cache_bytes
 from meda.kv.groups import token_groups
 from meda.kv.support import attention_softcap
 
@@ -118,6 +118,8 @@ class ChunkedPrefill:
             state.extend(self.decoded, layer.logical_length - q_len)
             self.pending[idx] = self._chunk_statistics(session, module, layer, state, query, key, chunk)
         km, n_rep = layer.key_mask, query.shape[1] // key.shape[1]
+        if not additive and not layer.all_valid and bool(chunk.valid.all()):  # holes in the kept slots only
+            return ValidSlots(km)
         if bool((km == km[:, :1]).all()):  # every head has the same empty slots: one mask broadcast over heads
             shared = SimpleNamespace(key_mask=km[:, :1], all_valid=layer.all_valid)
             return attention_mask_for(shared, q_len, 1, query.dtype, additive)  # [B, 1, q, T]
