@@ -28,7 +28,9 @@ def _split(family: str):
     layers = names[0]
     count = len(t.model.get_submodule(layers))
     device_map = {"": "cpu"} | {f"{layers}.{i}": 0 for i in range(count // 2)}
-    return t, dispatch_model(t.model, device_map=device_map)
+    # main_device="cpu": the CPU modules run on the CPU (accelerate's default main device would be cuda:0, with the
+    # CPU modules offloaded: their weights on the meta device, streamed to cuda:0 at every forward)
+    return t, dispatch_model(t.model, device_map=device_map, main_device="cpu")
 
 
 def _greedy(model, inputs, method: str | None = None, budget: float = 1.0, decode: str = "dynamic"):
