@@ -81,7 +81,7 @@ class ChunkedPrefill:
         for idx, sel in selections.items():
             index = sel.indices
             heads = index.shape[1]
-            vision = groups.vision[:, None].expand(-1, heads, -1).gather(-1, index)
+            vision = groups.on(index.device).vision[:, None].expand(-1, heads, -1).gather(-1, index)
             ent = session._entropy.get(idx)
             scores = session._scores[idx].gather(-1, index).float().nan_to_num(neginf=0.0)
             self.layers[idx] = LayerState(scores, vision, index.clone(), ent.float() if ent is not None else None)
@@ -109,7 +109,7 @@ class ChunkedPrefill:
             )
         if self.chunk is None:
             self.chunk = self._chunk_groups(session, query, q_len, layer)
-        chunk = self.chunk
+        chunk = self.chunk.on(layer.keys.device)  # built at the first layer; a split model's layers differ
         layer.key_mask[..., -q_len:] = chunk.valid[:, None, :]  # padding inside the chunk stays masked
         layer._refresh()
         if r is not None and idx in self.layers:
@@ -209,7 +209,9 @@ class ChunkedPrefill:
             raise RuntimeError(f"chunk statistics missing for layers {missing}; was the forward interrupted?")
         before = cache_bytes(cache)
         for idx in layers:
-            self._fold(idx, cache.layers[idx], *self.pending[idx], chunk_valid, chunk_vision, r.scorer)
+            layer = cache.layers[idx]
+            device = layer.keys.device
+            self._fold(idx, layer, *self.pending[idx], chunk_valid.to(device), chunk_vision.to(device), r.scorer)
         self.seen = self.seen + new_tokens
         self.entropy_seen = self.entropy_seen + new_tokens
         self.chunks += 1
@@ -275,7 +277,7 @@ class ChunkedPrefill:
             state.scores = state.position.float()
         if ent is not None:
             n_new = chunk_valid.sum(-1).float()
-            seen = self.entropy_seen.float()
+            seen = self.entropy_seen.to(state.entropy.device).float()
             state.entropy = (state.entropy * seen + ent * n_new) / (seen + n_new).clamp_min(1)
 
     def _trim_layer(self, session, idx: int, layer, keep: Tensor):

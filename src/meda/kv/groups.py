@@ -38,6 +38,12 @@ class TokenGroups:
     def text(self) -> torch.Tensor:
         return self.valid & ~self.vision
 
+    def on(self, device: torch.device) -> TokenGroups:
+        """These groups on ``device`` (itself when already there): layers of a model split across devices."""
+        if self.valid.device == device:
+            return self
+        return TokenGroups(self.valid.to(device), self.vision.to(device), self.source, self.note)
+
 
 def vision_token_ids(config) -> list[int]:
     """Placeholder ids of image/video tokens declared by a (multimodal) config."""

@@ -279,7 +279,7 @@ class CompressionSession:
 
     def _observe(self, idx: int, module, query: torch.Tensor, key: torch.Tensor) -> None:
         r = self.recipe
-        groups = self._groups_for(query)
+        groups = self._groups_for(query).on(query.device)  # a model split across devices: this layer's
         if idx in self.layers.sliding:  # left with its own window cache: no statistics needed
             return
         logits = {"scaling": float(module.scaling), "softcap": attention_softcap(module)}
@@ -370,8 +370,8 @@ class CompressionSession:
         ``counts`` ``[B]``: tokens this layer keeps per row; ``n`` ``[B]``: valid prompt tokens.
         Counts are summed over the batch and averaged over KV heads.
         """
-        r, rep, groups = self.recipe, self.report, self._groups
-        valid = groups.valid
+        r, rep, groups = self.recipe, self.report, self._groups.on(layer.keys.device)
+        valid, n = groups.valid, n.to(layer.keys.device)
         if getattr(layer, "is_sliding", False):
             raise RuntimeError(
                 f"cache layer {idx} is a sliding-window layer but the model's config makes layer {idx} full "
