@@ -130,6 +130,31 @@ def test_similarity_is_chunked(monkeypatch):
     assert rows and max(rows) <= 4
 
 
+def test_similarity_steps_stay_under_the_element_cap(monkeypatch):
+    """A step never builds more than MAX_SIMILARITIES similarities, whatever ``chunk`` asks, and the result is the
+    loop reference's."""
+    from meda.kv import merging
+
+    keys, values, valid, scores, sel = make_case()
+    batch, heads, width = sel.mask.shape
+    monkeypatch.setattr(merging, "MAX_SIMILARITIES", batch * heads * width * 2)  # two evicted positions per step
+    real_matmul = torch.matmul
+    sizes = []
+
+    def spy(a, b):
+        sizes.append(a.shape[:-1].numel() * b.shape[-1])
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", spy)
+    k, v = merge_evicted(keys, values, sel, valid, mode="average", chunk=4096)
+    monkeypatch.setattr(torch, "matmul", real_matmul)
+    assert sizes and max(sizes) <= merging.MAX_SIMILARITIES and len(sizes) == 7  # 14 positions, 2 per step
+    ref_k, ref_v = reference_merge(keys, values, sel, valid, "average", scores)
+    mask = sel.mask[..., None]
+    torch.testing.assert_close((k * mask).double(), ref_k * mask)
+    torch.testing.assert_close((v * mask).double(), ref_v * mask)
+
+
 def test_errors():
     keys, values, valid, scores, sel = make_case()
     with pytest.raises(ValueError, match="mode must be"):

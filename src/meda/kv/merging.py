@@ -18,8 +18,8 @@ would otherwise leave it 2%).
 ``targets`` optionally restricts which kept slots may receive merges
 (:func:`scored_targets`: not the sink / recent-window slots). Slots with nothing merged are returned
 unchanged, so with no evicted token the result equals :func:`meda.kv.selection.gather_kv` exactly.
-Evicted tokens are processed in chunks of ``chunk`` positions: memory ``O(B x Hkv x chunk x K)``,
-never an ``[evicted x kept]`` map at once.
+Evicted tokens are processed in chunks of ``chunk`` positions (fewer where ``B x Hkv x chunk x K`` would pass
+:data:`MAX_SIMILARITIES`): never an ``[evicted x kept]`` map at once.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meda.kv.selection import Selection, gather_kv
+
+# At most this many float32 similarities per step ([B, Hkv, chunk, K]: 1 GiB): at batch 8 over 26k kept slots the
+# default chunk of 4096 evicted positions would otherwise build 7 GB at once, and as much again for its mask.
+MAX_SIMILARITIES = 1 << 28
 
 MergeMode = Literal["average", "pivot", "weighted"]
 MERGE_MODES: tuple[str, ...] = ("average", "pivot", "weighted")
@@ -62,6 +66,7 @@ def _group_sums(
     sum_k = keys.new_zeros(*shape, keys.shape[-1], dtype=torch.float32)
     sum_v = values.new_zeros(*shape, values.shape[-1], dtype=torch.float32)
     sum_w = keys.new_zeros(*shape, dtype=torch.float32)
+    chunk = max(1, min(chunk, MAX_SIMILARITIES // max(batch * heads * width, 1)))
     for start in range(0, n_tokens, chunk):
         k = keys[:, :, start : start + chunk].float()
         v = values[:, :, start : start + chunk].float()
@@ -122,7 +127,8 @@ def merge_evicted(
         threshold: optional cosine similarity below which an evicted pair is dropped, not merged.
         cap: optional largest share (in [0, 1]) of a merged pair that may come from the pairs it absorbed
             (see the module docstring); 0 keeps every kept pair as it was, None applies no cap.
-        chunk: evicted-candidate positions per step.
+        chunk: evicted-candidate positions per step (lowered to keep a step's similarities under
+            :data:`MAX_SIMILARITIES`).
         with_counts: also return ``merged [B, Hkv]``, the evicted pairs really merged per head.
 
     Returns:
