@@ -282,6 +282,8 @@ def test_chunks_over_kept_slots_with_holes_skip_the_explicit_mask(method: str, m
     """A padded batch below budget 1.0 keeps a different number of tokens per row (MEDA: per-row entropy budgets;
     AdaKV: per-head budgets), so later chunks see empty slots: they attend over the gathered valid slots, with the
     logits of the explicit-mask path."""
+    from types import SimpleNamespace
+
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from meda.kv import attention
@@ -297,7 +299,7 @@ def test_chunks_over_kept_slots_with_holes_skip_the_explicit_mask(method: str, m
         return gathered(module, query, key, value, slots, **kwargs)
 
     def explicit(module, query, key, value, slots, **kwargs):  # the reference: SDPA with the full bool mask
-        layer = type("Holes", (), {"key_mask": slots.key_mask, "all_valid": False})
+        layer = SimpleNamespace(key_mask=slots.key_mask, all_valid=False)
         mask = attention_mask_for(layer, query.shape[-2], query.shape[1] // key.shape[1], query.dtype, False)
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
