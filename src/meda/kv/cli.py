@@ -200,8 +200,11 @@ def bench(
 @app.command("eval")
 def eval_(
     task: str = typer.Option(
-        ..., "--task", "-t", help="Comma list: passkey, multikey, vartrack (text), mm-needle, mm-count, mm-order, "
-        "mm-assoc (multimodal), or milebench:PATH (MileBench data: a TASK/TASK.json folder or a root of them)."
+        ...,
+        "--task",
+        "-t",
+        help="Comma list: passkey, multikey, vartrack (text), mm-needle, mm-count, mm-order, "
+        "mm-assoc (multimodal), or milebench:PATH (MileBench data: a TASK/TASK.json folder or a root of them).",
     ),
     model: str = typer.Option(
         "smollm2-135m", help="smollm2-135m, gemma3-270m, meda-vlm-mini, a local path or a cached hub id."
@@ -214,8 +217,9 @@ def eval_(
     samples: int = typer.Option(8, min=1, help="Samples per task and size (MileBench: the first N rows)."),
     seed: int = typer.Option(0, help="Sample i of a task is generated from seed + i."),
     sizes: str = typer.Option(
-        "", help="Comma list of sizes for every task (tokens for text tasks, images for multimodal); "
-        "default each task's own (text: 1024,2048,4096,8192)."
+        "",
+        help="Comma list of sizes for every task (tokens for text tasks, images for multimodal); "
+        "default each task's own (text: 1024,2048,4096,8192).",
     ),
     new_tokens: int = typer.Option(0, min=0, help="Answer length in tokens (0 = the task's own)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -237,11 +241,10 @@ def eval_(
     PNG per task. See docs/kv-eval.md.
     """
     from meda.kv.eval.harness import evaluate, parse_method, resolve_tasks, split_methods
-    from meda.kv.eval.output import markdown_table, plot_accuracy
     from meda.kv.models import load_model
     from meda.kv.run import pick_device
     from meda.kv.session import parse_budget
-    from meda.report import console, print_json
+    from meda.report import console
 
     try:
         specs = resolve_tasks([t.strip() for t in task.split(",") if t.strip()])
@@ -271,6 +274,14 @@ def eval_(
     except (ValueError, TypeError, NotImplementedError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from err
+    _show_eval(payload, out, as_json)
+
+
+def _show_eval(payload: dict, out: Path, as_json: bool) -> None:
+    """Write ``out/results.md`` and the accuracy plots of an evaluation payload, then print its table."""
+    from meda.kv.eval.output import markdown_table, plot_accuracy
+    from meda.report import console, print_json
+
     table = markdown_table(payload)
     (out / "results.md").write_text(table + "\n")
     plots = plot_accuracy(payload, out)
@@ -279,3 +290,37 @@ def eval_(
     else:
         console.print(table, markup=False, highlight=False)
         console.print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {len(plots)} plot(s)")
+
+
+@app.command("eval-merge")
+def eval_merge(
+    shards: list[Path] = typer.Argument(..., help="Folders (or results.json files) of `meda kv eval` runs."),
+    out: Path = typer.Option(Path("runs/eval"), help="Folder for the merged results.json, results.md and plots."),
+    as_json: bool = typer.Option(False, "--json", help="Print the merged results.json instead of the table."),
+) -> None:
+    """Merge `meda kv eval` runs over disjoint seeds (or tasks) into one results.json, table and plots.
+
+    A long grid runs faster as processes side by side, each over its own seeds:
+
+        for s in 0 4 8; do meda kv eval --task mm-needle --samples 4 --seed $s --out runs/ev-s$s & done; wait
+        meda kv eval-merge runs/ev-s0 runs/ev-s4 runs/ev-s8 --out runs/ev
+
+    Accuracy is weighted by samples, token agreement and KL by compared positions. Shards of different
+    models, or two shards sharing a seed in one cell, are refused.
+    """
+    import json
+
+    from meda.kv.eval.merge import merge_payloads
+    from meda.report import console, write_json
+
+    files = [s / "results.json" if s.is_dir() else s for s in shards]
+    try:
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"no results.json at {', '.join(missing)}: pass the --out folders of meda kv eval")
+        payload = merge_payloads([json.loads(f.read_text()) for f in files], names=[str(f.parent) for f in files])
+    except (ValueError, OSError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=2) from err
+    write_json(out / "results.json", payload)
+    _show_eval(payload, out, as_json)

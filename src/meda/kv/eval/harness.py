@@ -160,7 +160,19 @@ def evaluate(
         for i in range(min(samples, task.count) if task.count else samples)
     ]
     cells: dict[tuple[str, str, float | int], Cell] = {}
-    payload: dict[str, Any] = {"model": model_name, "runs": []}
+    payload: dict[str, Any] = {
+        "model": model_name,
+        "runs": [],
+        "config": {  # from the start, so that a cut-off run's results.json still says which seeds it covers
+            "tasks": [t.name for t in tasks],
+            "methods": list(methods),
+            "budgets": list(budgets),
+            "samples": samples,
+            "seed": seed,
+            "sizes": list(sizes) if sizes else None,
+            "device": str(device),
+        },
+    }
     bar = tqdm(total=len(plan) * (1 + len(compressed) * len(budgets)), desc="eval", unit="run", disable=not progress)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -198,15 +210,6 @@ def evaluate(
             if on_sample is not None:
                 on_sample(payload)
     bar.close()
-    payload["config"] = {
-        "tasks": [t.name for t in tasks],
-        "methods": list(methods),
-        "budgets": list(budgets),
-        "samples": samples,
-        "seed": seed,
-        "sizes": list(sizes) if sizes else None,
-        "device": str(device),
-    }
     if out is not None:
         from meda.report import write_json
 
