@@ -122,7 +122,7 @@ def compressed_run(
         if positions:
             q, p = torch.stack(rows), reference.log_probs[1:]
             token_agreement = float((q.argmax(-1) == ref[1:]).float().mean())
-            mean_kl = float((p.exp() * (p - q)).sum(-1).mean())
+            mean_kl = max(0.0, float((p.exp() * (p - q)).sum(-1).mean()))  # rounding leaves ~-1e-8 where p == q
         else:
             token_agreement = mean_kl = None
         if branch is None:
