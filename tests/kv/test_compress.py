@@ -15,6 +15,7 @@ from transformers import DynamicCache
 
 from meda.kv import METHODS, compress
 from meda.kv.cache import CompressedLayer
+from meda.kv.recipes import resolve_recipe
 from meda.kv.tiny import FAMILIES, VLM_FAMILIES, build_tiny
 
 NEW_TOKENS = 6
@@ -153,6 +154,35 @@ def test_meda_budgets_follow_entropy() -> None:
     order_f = sorted(range(len(report.layer_fractions)), key=report.layer_fractions.__getitem__)
     assert order_e == order_f  # softmax is monotone: more entropy, more budget
     assert sum(report.layer_fractions) / len(report.layer_fractions) == pytest.approx(0.3, abs=1e-6)
+
+
+def test_meda_uses_uniform_budgets_on_text_only_prompts() -> None:
+    """Without vision tokens ``meda`` allocates as SnapKV does (the same kept tokens, so the same answer);
+    ``text_only_allocator=None`` keeps the entropy allocator there, with uneven budgets."""
+    t, inputs = tiny("llama"), tiny("llama").inputs(2)
+    runs = {}
+    for name, method, options in [
+        ("snapkv", "snapkv", {}), ("meda", "meda", {}), ("entropy", "meda", {"text_only_allocator": None})
+    ]:  # fmt: skip
+        with compress(t.model, method=method, budget=0.3, **options) as report:
+            runs[name] = (greedy(t.model, inputs), report)
+    (snap_out, snap), (meda_out, meda), (_, entropy) = runs["snapkv"], runs["meda"], runs["entropy"]
+    assert meda.groups == "text" and meda.layer_fractions == snap.layer_fractions
+    assert meda.layer_tokens == snap.layer_tokens and torch.equal(meda_out.sequences, snap_out.sequences)
+    assert torch.equal(torch.stack(meda_out.scores), torch.stack(snap_out.scores))
+    assert any("layer budgets from the 'uniform' allocator, not 'entropy'" in n for n in meda.notes)
+    assert len(set(entropy.layer_fractions)) > 1  # the entropy allocator on the same prompt: uneven budgets
+    assert not any("'uniform' allocator" in n for n in entropy.notes)
+
+
+def test_meda_keeps_entropy_budgets_when_the_prompt_has_images() -> None:
+    t = tiny("llava")
+    with torch.inference_mode(), compress(t.model, method="meda", budget=0.3) as report:
+        t.model.generate(**t.inputs(1), max_new_tokens=2, do_sample=False)
+    assert report.groups == "vision" and len(set(report.layer_fractions)) > 1
+    assert not any("allocator" in n for n in report.notes)
+    with pytest.raises(ValueError, match="text_only_allocator='flat'"):
+        resolve_recipe("meda", text_only_allocator="flat")
 
 
 # ---- bad input -------------------------------------------------------------------------

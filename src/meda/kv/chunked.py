@@ -217,7 +217,7 @@ class ChunkedPrefill:
         self.chunks += 1
         if r.needs_entropy:
             session._entropy = {i: self.layers[i].entropy for i in layers}
-        fractions, clipped_layers = session._allocate(layers, self.seen)
+        fractions, clipped_layers = session._allocate(layers, self.seen, self.source)
         counts = torch.stack(
             [allocation.fractions_to_counts(fractions[:, b], int(self.seen[b]))[:, 0] for b in range(len(self.seen))],
             dim=1,
@@ -313,8 +313,17 @@ class ChunkedPrefill:
                         sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window
                     )
                 k, v, merged = merging.merge_evicted(
-                    k, v, sel, valid, mode=r.merge, scores=scores[:, h : h + 1].clamp_min(0.0), targets=targets,
-                    merge_keys=r.merge_keys, threshold=r.merge_threshold, cap=r.merge_cap, with_counts=True,
+                    k,
+                    v,
+                    sel,
+                    valid,
+                    mode=r.merge,
+                    scores=scores[:, h : h + 1].clamp_min(0.0),
+                    targets=targets,
+                    merge_keys=r.merge_keys,
+                    threshold=r.merge_threshold,
+                    cap=r.merge_cap,
+                    with_counts=True,
                 )
                 absorbed += float(merged.sum())  # pairs really merged (below the threshold they are dropped)
             dropped += float(lost.sum())

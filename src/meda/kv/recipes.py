@@ -47,6 +47,11 @@ class Recipe:
         merge_cap: largest share of a merged pair that may come from the pairs it absorbed (None: the
             mode's own share, e.g. ``n / (1 + n)`` for ``average``; 0.5: a slot keeps at least half of itself
             however many pairs it absorbs).
+        text_only_allocator: the allocator used instead of ``allocator`` when the prompt holds no vision
+            tokens (token groups from the context and the question; see :mod:`meda.kv.groups`); None: the
+            same allocator there too. ``meda`` sets ``"uniform"``: cross-modal entropy needs two modalities,
+            and on SmolLM2's text tasks its context-vs-question proxy lost pass keys that uniform budgets
+            keep (docs/results.md).
         layer_floor: smallest per-layer kept fraction as a share of the budget (0: only
             ``alpha_min``; 0.5: no layer keeps less than half the mean budget).
         window: observation window (queries) of the ``window`` scorer; also the length
@@ -73,6 +78,7 @@ class Recipe:
     merge_keys: bool = True
     merge_threshold: float | None = None
     merge_cap: float | None = None
+    text_only_allocator: Allocator | None = None
     layer_floor: float = 0.0
     window: int = 32
     pool_kernel: int = 7
@@ -85,6 +91,12 @@ class Recipe:
     @property
     def needs_entropy(self) -> bool:
         return self.allocator == "entropy"
+
+    def allocator_for(self, groups_source: str) -> Allocator:
+        """The allocator for a prompt whose token groups came from ``groups_source`` ("vision", "text", "caller")."""
+        if groups_source == "text" and self.text_only_allocator is not None:
+            return self.text_only_allocator
+        return self.allocator
 
     def floor(self, rho: float) -> float:
         """The per-layer lower bound at mean budget ``rho``: ``max(alpha_min, layer_floor * rho)``, at most rho."""
@@ -106,7 +118,9 @@ METHODS: dict[str, Recipe | None] = {
     # the recommended MEDA (docs/results.md): budgets from a tempered entropy with a floor of half the
     # budget, text first, evicted pairs dropped (no merge helped here), and SnapKV's window score: on
     # SmolLM2's text tasks it is closer to the full cache than the paper's cumulative score, on the VLM
-    # about as close, and it needs no all-query statistics (docs/results.md, "Choosing the scorer")
+    # about as close, and it needs no all-query statistics (docs/results.md, "Choosing the scorer");
+    # uniform budgets on prompts without images (12 SmolLM2 pass keys at 1k: the entropy proxy kept 2,
+    # uniform budgets 5; docs/results.md, "Text-only prompts")
     "meda": Recipe(
         allocator="entropy",
         scorer="window",
@@ -115,6 +129,7 @@ METHODS: dict[str, Recipe | None] = {
         tau=4.0,
         layer_floor=0.5,
         merge="none",
+        text_only_allocator="uniform",
     ),
 }
 
@@ -147,6 +162,8 @@ def _validate(r: Recipe) -> None:
         allowed = lit.__args__
         if getattr(r, name) not in allowed:
             raise ValueError(f"{name}={getattr(r, name)!r} is not one of {allowed}")
+    if r.text_only_allocator is not None and r.text_only_allocator not in Allocator.__args__:
+        raise ValueError(f"text_only_allocator={r.text_only_allocator!r} is not None or one of {Allocator.__args__}")
     for name in ("sink_tokens", "recent_window", "window", "pool_kernel"):
         if int(getattr(r, name)) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(r, name)}")

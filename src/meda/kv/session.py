@@ -332,11 +332,11 @@ class CompressionSession:
         n = groups.valid.sum(-1)  # [B]
         layers = list(self.layers.full)
         rep.compressed_layers = layers
-        fractions, clipped_layers = self._allocate(layers, n)  # [L, B]
+        rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
+        fractions, clipped_layers = self._allocate(layers, n, groups.source)  # [L, B]
         counts = torch.stack(
             [allocation.fractions_to_counts(fractions[:, b], int(n[b]))[:, 0] for b in range(len(n))], dim=1
         )  # [L, B]
-        rep.groups, rep.notes = groups.source, [groups.note] if groups.note else []
         if self.layers.sliding:
             rep.notes.append(
                 f"{len(self.layers.sliding)} of {len(self.modules)} layers use sliding-window attention "
@@ -399,8 +399,17 @@ class CompressionSession:
             if r.merge_targets == "scored":
                 targets = merging.scored_targets(sel, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window)
             k, v, absorbed = merging.merge_evicted(
-                layer.keys, layer.values, sel, valid, mode=r.merge, scores=scores, targets=targets,
-                merge_keys=r.merge_keys, threshold=r.merge_threshold, cap=r.merge_cap, with_counts=True,
+                layer.keys,
+                layer.values,
+                sel,
+                valid,
+                mode=r.merge,
+                scores=scores,
+                targets=targets,
+                merge_keys=r.merge_keys,
+                threshold=r.merge_threshold,
+                cap=r.merge_cap,
+                with_counts=True,
             )  # absorbed [B, Hkv]: pairs really merged (a head with no allowed target, or below threshold, drops)
         new = self._new_layer(k, v, sel.mask, layer.get_seq_length())
         return new, float(dropped.mean(-1).sum()), float(absorbed.mean(-1).sum())
@@ -449,20 +458,26 @@ class CompressionSession:
         for idx, layer in new_layers.items():
             cache.layers[idx] = self._cache_layers[idx] = layer
 
-    def _allocate(self, layers: list[int], n: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _allocate(self, layers: list[int], n: torch.Tensor, groups_source: str) -> tuple[torch.Tensor, int]:
         """Kept fraction per layer and batch row ``[layers, batch]``, and how many layers the
-        allocator clamped to [alpha_min, 1] (most over the batch rows)."""
+        allocator clamped to [alpha_min, 1] (most over the batch rows). ``groups_source`` ("vision",
+        "text", "caller") picks the recipe's allocator for the prompt (:meth:`Recipe.allocator_for`); a
+        text-only fallback is noted in the report."""
         r = self.recipe
+        allocator = r.allocator_for(groups_source)
+        note = f"no vision tokens in the prompt: layer budgets from the {allocator!r} allocator, not {r.allocator!r}"
+        if allocator != r.allocator and note not in self.report.notes:
+            self.report.notes.append(note)
         num_layers, batch = len(layers), len(n)
         if isinstance(self.budget, float):
             rho = [self.budget] * batch
         else:
             rho = [min(1.0, self.budget / max(int(nb), 1)) for nb in n]
         cols, clipped = [], 0
-        statistic = {"entropy": self._entropy, "density": self._density}.get(r.allocator)  # per-layer [B]
+        statistic = {"entropy": self._entropy, "density": self._density}.get(allocator)  # per-layer [B]
         for b in range(batch):
             stat = torch.stack([statistic[i][b].float().cpu() for i in layers]) if statistic is not None else None
-            res = allocation.ALLOCATORS[r.allocator](stat, num_layers, rho[b], r.tau, r.floor(rho[b]))
+            res = allocation.ALLOCATORS[allocator](stat, num_layers, rho[b], r.tau, r.floor(rho[b]))
             cols.append(res.fractions.float().cpu())
             clipped = max(clipped, res.clipped_layers)
         return torch.stack(cols, dim=1), clipped
