@@ -63,6 +63,8 @@ def _compare(model, processor, inputs, budget: float, title: str) -> None:
             [f"L{i}" for i in range(len(last["layer_tokens"]))],
             [float(t) for t in last["layer_tokens"]],
         )
+        for note in last["notes"]:  # e.g. why a text-only prompt gets uniform layer budgets
+            console.print(f"note: {note}", markup=False, highlight=False)
 
 
 def _vlm_demo(device: str, budget: float) -> None:
