@@ -20,6 +20,14 @@ def test_eval_help_teaches() -> None:
     assert result.exit_code == 0
     for word in ("--task", "--methods", "--budgets", "--samples", "--seed", "--out", "--json", "milebench", "passkey"):
         assert word in result.output
+    flat = " ".join(result.output.replace("│", " ").split())  # rich wraps the help text in a box
+    for method in ("meda-paper", "vlcache", "adakv", "streamingllm"):  # every method of the recipe table
+        assert method in flat, method
+
+
+def test_eval_merge_help_teaches() -> None:
+    result = runner.invoke(app, ["kv", "eval-merge", "--help"])
+    assert result.exit_code == 0 and "--seed" in result.output and "--out" in result.output
 
 
 @pytest.mark.parametrize(

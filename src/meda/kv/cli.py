@@ -6,16 +6,18 @@ from pathlib import Path
 
 import typer
 
+from meda.kv.recipes import METHODS
+
 app = typer.Typer(
     no_args_is_help=True,
     help=(
         "Run a transformers LLM or VLM with a compressed KV cache (MEDA, StreamingLLM, H2O, SnapKV, "
-        "PyramidKV, LOOK-M, AdaKV) and report kept tokens per layer and real cache bytes.\n\n"
+        "PyramidKV, LOOK-M, AdaKV, VL-Cache) and report kept tokens per layer and real cache bytes.\n\n"
         "Start with: meda kv run --model smollm2-135m --method meda --budget 0.2 --prompt '...'"
     ),
 )
 
-METHOD_HELP = "full | streamingllm | h2o | snapkv | pyramidkv | lookm | adakv | meda"
+METHOD_HELP = " | ".join(METHODS)  # every recipe name, from the one table
 
 
 def parse_budget_text(text: str) -> float | int:
