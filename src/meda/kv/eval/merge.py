@@ -24,11 +24,15 @@ from typing import Any
 Key = tuple[str, str, Any]
 
 
+def _samples_per_size(run: dict[str, Any]) -> float:
+    """Samples of one size in a cell: a run gives every size the same number of samples."""
+    return run["samples"] / max(1, len(run.get("accuracy_by_size") or {}))
+
+
 def _seeds(payload: dict[str, Any], run: dict[str, Any]) -> range:
     """Seeds a shard's cell covers: ``config.seed`` onwards, one per sample of each size."""
-    per_size = run["samples"] // max(1, len(run.get("accuracy_by_size") or {"": 0}))
     seed = payload["config"]["seed"]
-    return range(seed, seed + per_size)
+    return range(seed, seed + int(_samples_per_size(run)))
 
 
 def _weighted(parts: Sequence[dict[str, Any]], value, weight) -> float | None:
@@ -62,11 +66,7 @@ def _merge_cell(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "samples": sum(r["samples"] for r in parts),
         "fidelity": fidelity,
         "accuracy_by_size": {
-            size: _weighted(  # a shard's samples split evenly over its sizes
-                parts,
-                lambda r, size=size: (r.get("accuracy_by_size") or {}).get(size),
-                lambda r: r["samples"] / max(1, len(r.get("accuracy_by_size") or {})),
-            )
+            size: _weighted(parts, lambda r, size=size: (r.get("accuracy_by_size") or {}).get(size), _samples_per_size)
             for size in sizes
         },
         "kept_fraction": by_samples(lambda r: r["kept_fraction"]),
