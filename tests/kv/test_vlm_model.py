@@ -180,6 +180,23 @@ def test_count_batches_pass_the_hard_negative_share_to_the_task(processor, monke
     assert shares and set(shares) == {0.5}
 
 
+def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
+    from collections import Counter
+
+    from meda.kv.vlm import data
+
+    mix = data.parse_mix("mm-count=3,mm-needle")
+    assert mix == {"mm-count": 3.0, "mm-needle": data.TRAIN_TASKS["mm-needle"][1]}
+    drawn = Counter(data.draw_spec(0, i, 8, {"mm-count": 3.0, "mm-order": 1.0})[0] for i in range(4000))
+    assert set(drawn) == {"mm-count", "mm-order"}
+    assert 2.6 < drawn["mm-count"] / drawn["mm-order"] < 3.4
+    assert data.draw_spec(0, 7, 8, mix) == data.draw_spec(0, 7, 8, dict(mix))  # a pure function of its inputs
+    for bad, message in [("mm-cuont", "unknown training task"), ("mm-count=x", "must be a number"),
+                         ("mm-count=0", "must be positive"), ("", "no training task")]:
+        with pytest.raises(ValueError, match=message):
+            data.parse_mix(bad)
+
+
 @pytest.mark.parametrize("task", ["describe", "mm-needle", "mm-count", "mm-order", "mm-assoc"])
 def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(processor, task) -> None:
     """A training row with follow-up questions is exactly the chat template's multi-turn conversation, and

@@ -155,14 +155,36 @@ class Batch:
     images: int
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``"mm-count=0.45,mm-needle,describe=0.05"`` -> ``{task: weight}``; a bare name takes its default weight
+    from :data:`TRAIN_TASKS`. Raises ``ValueError`` naming an unknown task or a bad weight."""
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition("=")
+        if name not in TRAIN_TASKS:
+            raise ValueError(f"unknown training task {name!r}; choose from {', '.join(TRAIN_TASKS)}")
+        try:
+            mix[name] = float(weight) if weight else TRAIN_TASKS[name][1]
+        except ValueError:
+            raise ValueError(f"weight of {name!r} must be a number, got {weight!r}") from None
+        if not mix[name] > 0:
+            raise ValueError(f"weight of {name!r} must be positive, got {mix[name]}")
+    if not mix:
+        raise ValueError("no training task given")
+    return mix
+
+
+DEFAULT_MIX = {name: weight for name, (_, weight) in TRAIN_TASKS.items()}
+
+
 def draw_spec(
-    seed: int, index: int, max_images: int, tasks: tuple[str, ...] = tuple(TRAIN_TASKS), describe_first: int = 0
+    seed: int, index: int, max_images: int, mix: dict[str, float] = DEFAULT_MIX, describe_first: int = 0
 ) -> tuple[str, int, int]:
     """``(task, images per sample, salt of the sample seeds)`` of batch ``index``: ``describe`` for the first
-    ``describe_first`` batches (grounding the vision tower first), then a task drawn from ``tasks`` by
-    weight; sizes half log-uniform, half uniform (``describe``: 1-8 images)."""
+    ``describe_first`` batches (grounding the vision tower first), then a task drawn from ``mix``
+    (``{task: weight}``) by weight; sizes half log-uniform, half uniform (``describe``: 1-8 images)."""
     rng = random.Random(f"{seed}/{index}")
-    drawn = rng.choices(tasks, weights=[TRAIN_TASKS[n][1] for n in tasks])[0]
+    drawn = rng.choices(tuple(mix), weights=tuple(mix.values()))[0]
     task = "describe" if index < describe_first else drawn
     low, high = (1, min(8, max_images)) if task == "describe" else (min(3, max_images), max_images)
     size = round(low * (high / low) ** rng.random()) if rng.random() < 0.5 else rng.randint(low, high)
@@ -195,7 +217,7 @@ def make_batch(
     index: int,
     max_images: int,
     tokens_per_batch: int,
-    tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
+    mix: dict[str, float] = DEFAULT_MIX,
     describe_first: int = 0,
     questions: int = 1,
     count_half_match: float = 0.0,
@@ -204,7 +226,7 @@ def make_batch(
     each with up to ``questions`` question-answer turns (the task's own question, then
     :func:`follow_ups`; every answer and its end-of-turn token is a target). ``count_half_match``: the share
     of hard negatives among mm-count's other images (:func:`~meda.kv.eval.tasks_mm.make_count`)."""
-    task, size, salt = draw_spec(seed, index, max_images, tasks, describe_first)
+    task, size, salt = draw_spec(seed, index, max_images, mix, describe_first)
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
@@ -247,13 +269,13 @@ class BatchStream(torch.utils.data.IterableDataset):
         start: int,
         max_images: int,
         tokens_per_batch: int,
-        tasks: tuple[str, ...] = tuple(TRAIN_TASKS),
+        mix: dict[str, float] = DEFAULT_MIX,
         describe_first: int = 0,
         questions: int = 1,
         count_half_match: float = 0.0,
     ) -> None:
         super().__init__()
-        self.processor, self.seed, self.start, self.tasks = processor, seed, start, tasks
+        self.processor, self.seed, self.start, self.mix = processor, seed, start, mix
         self.describe_first, self.questions, self.count_half_match = describe_first, questions, count_half_match
         self.max_images, self.tokens_per_batch = max_images, tokens_per_batch
 
@@ -268,7 +290,7 @@ class BatchStream(torch.utils.data.IterableDataset):
                 index,
                 self.max_images,
                 self.tokens_per_batch,
-                self.tasks,
+                self.mix,
                 self.describe_first,
                 self.questions,
                 self.count_half_match,

@@ -38,7 +38,7 @@ from meda.kv.vlm.architecture import (
     load_trainable,
     trainable_state,
 )
-from meda.kv.vlm.data import ITEM_NAMES, TRAIN_TASKS, Batch, BatchStream
+from meda.kv.vlm.data import ITEM_NAMES, TRAIN_TASKS, Batch, BatchStream, parse_mix
 from meda.kv.vlm.weights import read_shipped, save_shipped
 
 
@@ -54,7 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokens", type=int, default=65536, help="tokens per batch (large: the step is launch-bound)")
-    p.add_argument("--tasks", default=",".join(TRAIN_TASKS), help="training tasks (comma-separated)")
+    p.add_argument(
+        "--tasks",
+        default=",".join(TRAIN_TASKS),
+        help="training tasks and their share of the batches, comma-separated: NAME or NAME=WEIGHT "
+        f"(default weights: {', '.join(f'{n}={w}' for n, (_, w) in TRAIN_TASKS.items())})",
+    )
     p.add_argument("--describe-first", type=int, default=100, help="batches of the describe task before the mix")
     p.add_argument(
         "--questions",
@@ -304,17 +309,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workers = args.workers if args.workers is not None else (max(1, (os.cpu_count() or 2) - 4) if cuda else 0)
     if cuda:
         torch.set_num_threads(2)
-    tasks = tuple(args.tasks.split(","))
-    unknown = [t for t in tasks if t not in TRAIN_TASKS]
-    if unknown:
-        raise SystemExit(f"unknown training task(s) {unknown}; choose from {', '.join(TRAIN_TASKS)}")
+    try:
+        mix = parse_mix(args.tasks)
+    except ValueError as err:
+        raise SystemExit(f"--tasks: {err}") from None
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
     if not 0.0 <= args.count_half_match <= 1.0:
         raise SystemExit(f"--count-half-match must be between 0 and 1, got {args.count_half_match}")
     stream = BatchStream(
-        processor, args.seed, step, args.max_images, args.tokens, tasks, args.describe_first, args.questions,
+        processor, args.seed, step, args.max_images, args.tokens, mix, args.describe_first, args.questions,
         args.count_half_match,
     )
     loader = torch.utils.data.DataLoader(
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "trainable": sum(p.numel() for p in vision + lora),
             "device": str(device),
             "seed": args.seed,
+            "mix": mix,
+            "count_half_match": args.count_half_match,
         },
     )
     meta = {
