@@ -104,8 +104,9 @@ def issue_plan() -> list[SpeedCase]:
         full = [SpeedCase(preset, n, b, "full", 1.0, "static", chunk=chunk)]
         cases = [SpeedCase(preset, n, b, m, x, "static", chunk=chunk) for m in methods for x in budgets]
         cases += [_c(preset, n, b, m, x, "dynamic") for m in methods for x in dynamic]
-        if chunk:  # the full cache may not fit: measured after the compressed cases
-            return cases + full
+        if chunk:  # the full cache may not fit: measured after the compressed cases, and also in chunks of
+            # 8k, since at 128k x 8 the full cache (60 GB) beside a 32k chunk's activations ran out of memory
+            return cases + full + [SpeedCase(preset, n, b, "full", 1.0, "static", chunk=8192)] * (b > 1)
         return [_c(preset, n, b, "full", 1.0, "stock"), *full, *cases]
 
     q, vl, k32, k128 = "qwen2-7b", "qwen2-vl-7b", 32768, 131072
