@@ -171,6 +171,7 @@ def test_meda_uses_uniform_budgets_on_text_only_prompts() -> None:
     assert meda.layer_tokens == snap.layer_tokens and torch.equal(meda_out.sequences, snap_out.sequences)
     assert torch.equal(torch.stack(meda_out.scores), torch.stack(snap_out.scores))
     assert any("layer budgets from the 'uniform' allocator, not 'entropy'" in n for n in meda.notes)
+    assert meda.layer_entropy == [] and len(entropy.layer_entropy) == len(entropy.layer_tokens)  # not measured
     assert len(set(entropy.layer_fractions)) > 1  # the entropy allocator on the same prompt: uneven budgets
     assert not any("'uniform' allocator" in n for n in entropy.notes)
 

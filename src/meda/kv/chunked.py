@@ -75,7 +75,8 @@ class ChunkedPrefill:
         groups = session._groups
         self.source = groups.source
         self.seen = groups.valid.sum(-1)  # [B] valid prompt tokens so far
-        self.entropy_seen = self.seen.clone()  # [B] tokens the running entropy averages over
+        # [B] tokens the running entropy averages over (none while text-only chunks leave it unmeasured)
+        self.entropy_seen = self.seen.clone() if session._entropy else torch.zeros_like(self.seen)
         self.chunks = 1
         self.layers: dict[int, LayerState] = {}
         for idx, sel in selections.items():
@@ -83,6 +84,8 @@ class ChunkedPrefill:
             heads = index.shape[1]
             vision = groups.on(index.device).vision[:, None].expand(-1, heads, -1).gather(-1, index)
             ent = session._entropy.get(idx)
+            if ent is None and session.recipe.needs_entropy:  # a text-only first chunk: measured from images on
+                ent = torch.zeros(index.shape[0], device=index.device)
             scores = session._scores[idx].gather(-1, index).float().nan_to_num(neginf=0.0)
             self.layers[idx] = LayerState(scores, vision, index.clone(), ent.float() if ent is not None else None)
         self.pending: dict[int, tuple[Tensor, Tensor | None]] = {}
@@ -188,7 +191,7 @@ class ChunkedPrefill:
             else:
                 s = None
             scores.append(s)
-            if r.needs_entropy:
+            if r.measures_entropy(self.source):
                 rows = _evenly_spaced(q_len, r.entropy_queries, query.device)
                 sums.append(entropy.cross_modal_entropy_sums(q, k, vision, valid, **logits, query_subset=rows))
         score = torch.cat(scores, dim=1).nan_to_num(neginf=0.0) if scores[0] is not None else None
@@ -243,7 +246,7 @@ class ChunkedPrefill:
         ]
         frac = {i: float(fractions[li].mean()) for li, i in enumerate(layers)}
         rep.layer_fractions = [frac.get(i, f) for i, f in zip(session.modules, rep.layer_fractions, strict=False)]
-        if r.needs_entropy:
+        if r.measures_entropy(self.source):
             rep.layer_entropy = [float(self.layers[i].entropy.mean()) for i in layers]
         rep.evicted_tokens, rep.merged_tokens = round(self.evicted), round(self.merged)
         if clipped_layers:

@@ -98,6 +98,10 @@ class Recipe:
             return self.text_only_allocator
         return self.allocator
 
+    def measures_entropy(self, groups_source: str) -> bool:
+        """Whether a prompt of ``groups_source`` needs the cross-modal entropy (its allocator reads it)."""
+        return self.allocator_for(groups_source) == "entropy"
+
     def floor(self, rho: float) -> float:
         """The per-layer lower bound at mean budget ``rho``: ``max(alpha_min, layer_floor * rho)``, at most rho."""
         return min(max(self.alpha_min, self.layer_floor * rho), rho)

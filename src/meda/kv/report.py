@@ -19,7 +19,9 @@ class CompressionReport:
             prompt tokens its own window cache holds.
         layer_fractions: kept fraction per decoder layer (mean over the batch): the allocator's for
             compressed layers, held tokens / N for sliding-window layers.
-        layer_entropy: MEDA's cross-modal entropy per compressed layer (mean over the batch), or [].
+        layer_entropy: MEDA's cross-modal entropy per compressed layer (mean over the batch), or [] where
+            it was not measured (other allocators; ``meda`` on a prompt without vision tokens, whose budgets
+            are uniform).
         compressed_layers: indices of the layers the budget was spread over (full-attention layers);
             [] for method "full".
         sliding_layers, sliding_window: layers left with their own sliding-window cache, and its size.

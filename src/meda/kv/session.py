@@ -295,7 +295,7 @@ class CompressionSession:
             pos = torch.arange(key.shape[-2], device=key.device, dtype=torch.float32)
             s = pos.expand(key.shape[0], key.shape[1], -1).masked_fill(~groups.valid[:, None, :], -math.inf)
         self._scores[idx] = s
-        if r.needs_entropy:
+        if r.measures_entropy(groups.source):
             self._entropy[idx] = entropy.cross_modal_entropy(
                 query,
                 key,
