@@ -256,23 +256,27 @@ def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = 
         )
     lines += [
         "",
-        "| case | run | prefill s | decode ms/token | GPU ms/step (graph) | floor ms | x floor | vs stock full | "
-        "vs own full (same decode path) | KV held | peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | run | prefill s | prefill over own full (same run) | decode ms/token | GPU ms/step (graph) | "
+        "floor ms | x floor | vs stock full | vs own full (same decode path) | KV held | peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in runs.items():
         group = (r["preset"], r["tokens"], r["batch"])
         vs_stock = stock[group]["decode_ms_per_token"] / r["decode_ms_per_token"] if group in stock else None
         fast = full_fast.get((*group, r["decode"]))
         vs_full = fast["decode_ms_per_token"] / r["decode_ms_per_token"] if fast is not None else None
+        # what statistics, selection and merging add to the prefill: only against a full row of the same run
+        # and chunking (prefill times of different code or chunk sizes are not comparable)
+        same = fast is not None and fast is not r and (fast["run"], fast.get("chunk")) == (r["run"], r.get("chunk"))
+        over = f"{r['prefill_s'] / fast['prefill_s'] - 1:+.1%}" if same else "-"
         lines.append(
-            f"| {key} | {r['run']} | {r['prefill_s']:.2f} | {r['decode_ms_per_token']:.2f} | "
+            f"| {key} | {r['run']} | {r['prefill_s']:.2f} | {over} | {r['decode_ms_per_token']:.2f} | "
             f"{_num(r.get('replay_ms'))} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "
             f"{_num(vs_stock, 'x')} | {_num(vs_full, 'x')} | {r['kv_bytes_after'] / 1e9:.3f} GB | "
             f"{r['peak_bytes'] / 1e9:.1f} GB |"
         )
     for key, err in errors.items():
-        lines.append(f"| {key} | {err} |  |  |  |  |  |  |  |  |  |")
+        lines.append(f"| {key} | {err} |  |  |  |  |  |  |  |  |  |  |")
     lines += _profile_lines([r for r in rows if r.get("kind") == "profile" and "error" not in r])
     lines += _attention_lines([r for r in rows if r.get("kind") == "attention" and "error" not in r])
     md.parent.mkdir(parents=True, exist_ok=True)

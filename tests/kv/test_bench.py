@@ -69,6 +69,28 @@ def test_report_tabulates_cases_profiles_and_the_attention_microbenchmark(tmp_pa
     assert "| 131072 | 1 | 1024 |" in text
 
 
+def test_report_gives_the_prefill_over_the_full_cache_only_within_one_run(tmp_path) -> None:
+    import json
+
+    kv_speed = _kv_speed()
+
+    def row(method: str, budget: float, prefill: float) -> dict:
+        key = f"qwen2-7b/1024/b1/{method}/{budget:g}/static"
+        return {"key": key, "preset": "qwen2-7b", "tokens": 1024, "batch": 1, "method": method, "budget": budget,
+                "decode": "static", "prefill_s": prefill, "decode_ms_per_token": 5.0, "floor_ms": 2.0,
+                "ratio_to_floor": 2.5, "kv_bytes_after": 1e6, "peak_bytes": 1e9}
+
+    first, second = tmp_path / "run_a.jsonl", tmp_path / "run_b.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in [row("full", 1.0, 10.0), row("meda", 0.1, 10.5)]) + "\n")
+    second.write_text(json.dumps(row("snapkv", 0.1, 12.0)) + "\n")  # no full row of its own run
+    md = tmp_path / "t.md"
+    kv_speed.report([first, second], md, None)
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in md.read_text().splitlines() if "/1024/" in line}
+    assert lines["qwen2-7b/1024/b1/meda/0.1/static"][3] == "+5.0%"
+    assert lines["qwen2-7b/1024/b1/snapkv/0.1/static"][3] == "-"  # another run's full prefill is not compared
+    assert lines["qwen2-7b/1024/b1/full/1/static"][3] == "-"
+
+
 def test_the_kvpress_runner_says_what_is_missing() -> None:
     spec = importlib.util.spec_from_file_location("kv_kvpress", ROOT / "benchmarks" / "kv_kvpress.py")
     module = importlib.util.module_from_spec(spec)
