@@ -197,6 +197,19 @@ def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
             data.parse_mix(bad)
 
 
+def test_large_share_draws_the_upper_half_and_leaves_the_default_draws_alone() -> None:
+    from meda.kv.vlm import data
+
+    default = [data.draw_spec(0, i, 64, describe_first=10) for i in range(400)]
+    assert default == [data.draw_spec(0, i, 64, describe_first=10, large_share=0.0) for i in range(400)]
+    tilted = [data.draw_spec(0, i, 64, describe_first=10, large_share=0.6) for i in range(400)]
+    assert [t for t, _, _ in tilted] == [t for t, _, _ in default]  # the same tasks, other sizes
+    large = [s >= 32 for t, s, _ in tilted if t != "describe"]
+    base = [s >= 32 for t, s, _ in default if t != "describe"]
+    assert sum(large) / len(large) > sum(base) / len(base) + 0.3
+    assert all(s <= 8 for t, s, _ in tilted if t == "describe")
+
+
 @pytest.mark.parametrize("task", ["describe", "mm-needle", "mm-count", "mm-order", "mm-assoc"])
 def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(processor, task) -> None:
     """A training row with follow-up questions is exactly the chat template's multi-turn conversation, and
@@ -302,6 +315,13 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert any(e.get("event") == "resumed" and e["step"] == 1 for e in events)
     steps = [e for e in events if "step" in e and "loss" in e]
     assert set(steps[0]["loss"]) == {"vision"} and "vision" not in steps[1]["loss"]  # vision-only step first
+    start = next(e for e in events if e.get("event") == "start")
+    assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
+    assert start["large_share"] == 0.0
+    for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
+                                 ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main([*common, flag, value, "--max-steps", "1"])
 
 
 def test_alignment_separates_targets_that_nearly_coincide() -> None:

@@ -178,16 +178,25 @@ DEFAULT_MIX = {name: weight for name, (_, weight) in TRAIN_TASKS.items()}
 
 
 def draw_spec(
-    seed: int, index: int, max_images: int, mix: dict[str, float] = DEFAULT_MIX, describe_first: int = 0
+    seed: int,
+    index: int,
+    max_images: int,
+    mix: dict[str, float] = DEFAULT_MIX,
+    describe_first: int = 0,
+    large_share: float = 0.0,
 ) -> tuple[str, int, int]:
     """``(task, images per sample, salt of the sample seeds)`` of batch ``index``: ``describe`` for the first
     ``describe_first`` batches (grounding the vision tower first), then a task drawn from ``mix``
-    (``{task: weight}``) by weight; sizes half log-uniform, half uniform (``describe``: 1-8 images)."""
+    (``{task: weight}``) by weight; sizes half log-uniform, half uniform (``describe``: 1-8 images), and
+    with probability ``large_share`` (not for ``describe``) uniform over the upper half, ``max_images / 2`` to
+    ``max_images`` (0 draws exactly what runs before this option drew)."""
     rng = random.Random(f"{seed}/{index}")
     drawn = rng.choices(tuple(mix), weights=tuple(mix.values()))[0]
     task = "describe" if index < describe_first else drawn
     low, high = (1, min(8, max_images)) if task == "describe" else (min(3, max_images), max_images)
     size = round(low * (high / low) ** rng.random()) if rng.random() < 0.5 else rng.randint(low, high)
+    if large_share > 0 and task != "describe" and rng.random() < large_share:
+        size = rng.randint(max(low, high // 2), high)
     return task, max(low, min(high, size)), rng.randrange(2**31)
 
 
@@ -221,12 +230,14 @@ def make_batch(
     describe_first: int = 0,
     questions: int = 1,
     count_half_match: float = 0.0,
+    large_share: float = 0.0,
 ) -> Batch:
     """Batch ``index`` of the stream ``seed``: as many samples of one task and size as fit the token budget,
     each with up to ``questions`` question-answer turns (the task's own question, then
     :func:`follow_ups`; every answer and its end-of-turn token is a target). ``count_half_match``: the share
-    of hard negatives among mm-count's other images (:func:`~meda.kv.eval.tasks_mm.make_count`)."""
-    task, size, salt = draw_spec(seed, index, max_images, mix, describe_first)
+    of hard negatives among mm-count's other images (:func:`~meda.kv.eval.tasks_mm.make_count`);
+    ``large_share``: see :func:`draw_spec`."""
+    task, size, salt = draw_spec(seed, index, max_images, mix, describe_first, large_share)
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
@@ -273,11 +284,12 @@ class BatchStream(torch.utils.data.IterableDataset):
         describe_first: int = 0,
         questions: int = 1,
         count_half_match: float = 0.0,
+        large_share: float = 0.0,
     ) -> None:
         super().__init__()
         self.processor, self.seed, self.start, self.mix = processor, seed, start, mix
         self.describe_first, self.questions, self.count_half_match = describe_first, questions, count_half_match
-        self.max_images, self.tokens_per_batch = max_images, tokens_per_batch
+        self.max_images, self.tokens_per_batch, self.large_share = max_images, tokens_per_batch, large_share
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -294,5 +306,6 @@ class BatchStream(torch.utils.data.IterableDataset):
                 self.describe_first,
                 self.questions,
                 self.count_half_match,
+                self.large_share,
             )
             index += workers

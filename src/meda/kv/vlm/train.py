@@ -75,6 +75,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "0 draws them uniformly, as the evaluation task does and as the shipped weights were trained)",
     )
     p.add_argument(
+        "--large-share",
+        type=float,
+        default=0.0,
+        help="share of the task batches whose size is drawn from the upper half, --max-images / 2 to --max-images "
+        "(0, the shipped weights' setting: half log-uniform, half uniform from 3)",
+    )
+    p.add_argument(
         "--norm-weight",
         type=float,
         default=1.0,
@@ -316,11 +323,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
-    if not 0.0 <= args.count_half_match <= 1.0:
-        raise SystemExit(f"--count-half-match must be between 0 and 1, got {args.count_half_match}")
+    for name in ("count_half_match", "large_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     stream = BatchStream(
         processor, args.seed, step, args.max_images, args.tokens, mix, args.describe_first, args.questions,
-        args.count_half_match,
+        args.count_half_match, args.large_share,
     )
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
@@ -336,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seed": args.seed,
             "mix": mix,
             "count_half_match": args.count_half_match,
+            "large_share": args.large_share,
         },
     )
     meta = {
