@@ -315,6 +315,7 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert any(e.get("event") == "resumed" and e["step"] == 1 for e in events)
     steps = [e for e in events if "step" in e and "loss" in e]
     assert set(steps[0]["loss"]) == {"vision"} and "vision" not in steps[1]["loss"]  # vision-only step first
+    assert steps[0]["loss_large"] == {} and steps[1]["loss_large"] == steps[1]["loss"]  # 3 images: all "large"
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
     assert start["large_share"] == 0.0
