@@ -176,7 +176,7 @@ def test_count_batches_pass_the_hard_negative_share_to_the_task(processor, monke
 
     monkeypatch.setattr(data, "make_count", recording)
     index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")
-    data.make_batch(processor, 0, index, 8, 2000, count_half_match=0.5)
+    data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_half_match=0.5))
     assert shares and set(shares) == {0.5}
 
 
@@ -187,10 +187,11 @@ def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
 
     mix = data.parse_mix("mm-count=3,mm-needle")
     assert mix == {"mm-count": 3.0, "mm-needle": data.TRAIN_TASKS["mm-needle"][1]}
-    drawn = Counter(data.draw_spec(0, i, 8, {"mm-count": 3.0, "mm-order": 1.0})[0] for i in range(4000))
+    two = data.BatchOptions({"mm-count": 3.0, "mm-order": 1.0})
+    drawn = Counter(data.draw_spec(0, i, 8, two)[0] for i in range(4000))
     assert set(drawn) == {"mm-count", "mm-order"}
     assert 2.6 < drawn["mm-count"] / drawn["mm-order"] < 3.4
-    assert data.draw_spec(0, 7, 8, mix) == data.draw_spec(0, 7, 8, dict(mix))  # a pure function of its inputs
+    assert data.draw_spec(0, 7, 8, data.BatchOptions(mix)) == data.draw_spec(0, 7, 8, data.BatchOptions(dict(mix)))
     for bad, message in [("mm-cuont", "unknown training task"), ("mm-count=x", "must be a number"),
                          ("mm-count=0", "must be positive"), ("", "no training task")]:
         with pytest.raises(ValueError, match=message):
@@ -200,9 +201,12 @@ def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
 def test_large_share_draws_the_upper_half_and_leaves_the_default_draws_alone() -> None:
     from meda.kv.vlm import data
 
-    default = [data.draw_spec(0, i, 64, describe_first=10) for i in range(400)]
-    assert default == [data.draw_spec(0, i, 64, describe_first=10, large_share=0.0) for i in range(400)]
-    tilted = [data.draw_spec(0, i, 64, describe_first=10, large_share=0.6) for i in range(400)]
+    def draws(**options) -> list[tuple[str, int, int]]:
+        return [data.draw_spec(0, i, 64, data.BatchOptions(describe_first=10, **options)) for i in range(400)]
+
+    default = draws()
+    assert default == draws(large_share=0.0)
+    tilted = draws(large_share=0.6)
     assert [t for t, _, _ in tilted] == [t for t, _, _ in default]  # the same tasks, other sizes
     large = [s >= 32 for t, s, _ in tilted if t != "describe"]
     base = [s >= 32 for t, s, _ in default if t != "describe"]
@@ -256,7 +260,7 @@ def test_follow_up_turns_render_as_the_chat_template_and_answer_from_the_images(
 def test_training_batch_targets_every_turn(processor) -> None:
     from meda.kv.vlm import data
 
-    batch = data.make_batch(processor, 0, 3, 8, 2000, questions=4)
+    batch = data.make_batch(processor, 0, 3, 8, 2000, data.BatchOptions(questions=4))
     ends = processor.tokenizer.decode(batch.targets).count("<|im_end|>")
     assert batch.input_ids.shape[0] < ends <= 4 * batch.input_ids.shape[0]
     assert torch.equal(batch.input_ids.flatten()[batch.positions + 1], batch.targets)

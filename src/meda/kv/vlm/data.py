@@ -13,7 +13,7 @@ import functools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -177,25 +177,39 @@ def parse_mix(text: str) -> dict[str, float]:
 DEFAULT_MIX = {name: weight for name, (_, weight) in TRAIN_TASKS.items()}
 
 
-def draw_spec(
-    seed: int,
-    index: int,
-    max_images: int,
-    mix: dict[str, float] = DEFAULT_MIX,
-    describe_first: int = 0,
-    large_share: float = 0.0,
-) -> tuple[str, int, int]:
+@dataclass(frozen=True)
+class BatchOptions:
+    """What a training run may change about its batches. The defaults draw plain batches (one question per
+    sample, no describe warm-up); :mod:`meda.kv.vlm.train`'s flags set what the shipped weights saw.
+
+    Attributes:
+        mix: ``{task: weight}``, the share of the batches of each task (:func:`parse_mix`).
+        describe_first: the first batches that are all ``describe`` (grounding the vision tower first).
+        questions: question-answer turns per sample: the task's own, then :func:`follow_ups`.
+        count_half_match: the share of hard negatives among mm-count's other images
+            (:func:`~meda.kv.eval.tasks_mm.make_count`).
+        large_share: the share of task batches (not ``describe``) drawn at ``max_images / 2`` to ``max_images``
+            images; 0 draws exactly what runs before this option drew.
+    """
+
+    mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
+    describe_first: int = 0
+    questions: int = 1
+    count_half_match: float = 0.0
+    large_share: float = 0.0
+
+
+def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
     """``(task, images per sample, salt of the sample seeds)`` of batch ``index``: ``describe`` for the first
-    ``describe_first`` batches (grounding the vision tower first), then a task drawn from ``mix``
-    (``{task: weight}``) by weight; sizes half log-uniform, half uniform (``describe``: 1-8 images), and
-    with probability ``large_share`` (not for ``describe``) uniform over the upper half, ``max_images / 2`` to
-    ``max_images`` (0 draws exactly what runs before this option drew)."""
+    ``options.describe_first`` batches, then a task drawn from ``options.mix`` by weight; sizes half
+    log-uniform, half uniform (``describe``: 1-8 images), and with probability ``options.large_share`` (not for
+    ``describe``) uniform over the upper half."""
     rng = random.Random(f"{seed}/{index}")
-    drawn = rng.choices(tuple(mix), weights=tuple(mix.values()))[0]
-    task = "describe" if index < describe_first else drawn
+    drawn = rng.choices(tuple(options.mix), weights=tuple(options.mix.values()))[0]
+    task = "describe" if index < options.describe_first else drawn
     low, high = (1, min(8, max_images)) if task == "describe" else (min(3, max_images), max_images)
     size = round(low * (high / low) ** rng.random()) if rng.random() < 0.5 else rng.randint(low, high)
-    if large_share > 0 and task != "describe" and rng.random() < large_share:
+    if options.large_share > 0 and task != "describe" and rng.random() < options.large_share:
         size = rng.randint(max(low, high // 2), high)
     return task, max(low, min(high, size)), rng.randrange(2**31)
 
@@ -226,23 +240,18 @@ def make_batch(
     index: int,
     max_images: int,
     tokens_per_batch: int,
-    mix: dict[str, float] = DEFAULT_MIX,
-    describe_first: int = 0,
-    questions: int = 1,
-    count_half_match: float = 0.0,
-    large_share: float = 0.0,
+    options: BatchOptions = BatchOptions(),
 ) -> Batch:
-    """Batch ``index`` of the stream ``seed``: as many samples of one task and size as fit the token budget,
-    each with up to ``questions`` question-answer turns (the task's own question, then
-    :func:`follow_ups`; every answer and its end-of-turn token is a target). ``count_half_match``: the share
-    of hard negatives among mm-count's other images (:func:`~meda.kv.eval.tasks_mm.make_count`);
-    ``large_share``: see :func:`draw_spec`."""
-    task, size, salt = draw_spec(seed, index, max_images, mix, describe_first, large_share)
+    """Batch ``index`` of the stream ``seed``: as many samples of one task and size (:func:`draw_spec`) as fit
+    the token budget, each with up to ``options.questions`` question-answer turns (every answer and its
+    end-of-turn token is a target)."""
+    task, size, salt = draw_spec(seed, index, max_images, options)
+    questions = options.questions
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
-    if task == "mm-count" and count_half_match > 0:
-        make = functools.partial(make_count, half_match=count_half_match)
+    if task == "mm-count" and options.count_half_match > 0:
+        make = functools.partial(make_count, half_match=options.count_half_match)
     tokenizer = processor.tokenizer
     rows, pixels, spans, items = [], [], [], []
     for j in range(count):
@@ -274,38 +283,16 @@ class BatchStream(torch.utils.data.IterableDataset):
     ``num_workers``-th batch and the loader's round-robin keeps the order."""
 
     def __init__(
-        self,
-        processor: Any,
-        seed: int,
-        start: int,
-        max_images: int,
-        tokens_per_batch: int,
-        mix: dict[str, float] = DEFAULT_MIX,
-        describe_first: int = 0,
-        questions: int = 1,
-        count_half_match: float = 0.0,
-        large_share: float = 0.0,
+        self, processor: Any, seed: int, start: int, max_images: int, tokens_per_batch: int, options: BatchOptions
     ) -> None:
         super().__init__()
-        self.processor, self.seed, self.start, self.mix = processor, seed, start, mix
-        self.describe_first, self.questions, self.count_half_match = describe_first, questions, count_half_match
-        self.max_images, self.tokens_per_batch, self.large_share = max_images, tokens_per_batch, large_share
+        self.processor, self.seed, self.start, self.options = processor, seed, start, options
+        self.max_images, self.tokens_per_batch = max_images, tokens_per_batch
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         index = self.start + worker
         while True:
-            yield make_batch(
-                self.processor,
-                self.seed,
-                index,
-                self.max_images,
-                self.tokens_per_batch,
-                self.mix,
-                self.describe_first,
-                self.questions,
-                self.count_half_match,
-                self.large_share,
-            )
+            yield make_batch(self.processor, self.seed, index, self.max_images, self.tokens_per_batch, self.options)
             index += workers

@@ -38,7 +38,7 @@ from meda.kv.vlm.architecture import (
     load_trainable,
     trainable_state,
 )
-from meda.kv.vlm.data import ITEM_NAMES, TRAIN_TASKS, Batch, BatchStream, parse_mix
+from meda.kv.vlm.data import ITEM_NAMES, TRAIN_TASKS, Batch, BatchOptions, BatchStream, parse_mix
 from meda.kv.vlm.weights import read_shipped, save_shipped
 
 
@@ -326,10 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("count_half_match", "large_share"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
-    stream = BatchStream(
-        processor, args.seed, step, args.max_images, args.tokens, mix, args.describe_first, args.questions,
-        args.count_half_match, args.large_share,
-    )
+    options = BatchOptions(mix, args.describe_first, args.questions, args.count_half_match, args.large_share)
+    stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, options)
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4 if workers else None
     )
