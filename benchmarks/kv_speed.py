@@ -31,7 +31,7 @@ from pathlib import Path
 # chunked cases ran out of memory with 27 GB reserved but free (run 6). Set before torch is imported.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from meda.kv.bench import SpeedCase, speed_cases
+from meda.kv.bench import SpeedCase, prefill_over_full, speed_cases
 
 # MEDA's statistics over all 32k-128k prompt queries are O(N^2) in PyTorch; the benchmark samples
 # 2,048 queries (documented in docs/kv.md), the setting of the measurements.
@@ -247,6 +247,9 @@ def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = 
         for r in runs.values()
         if r["decode"] in FAST and r["method"] == "full"
     }
+    by_run: dict[str, list[dict]] = {}
+    for r in runs.values():
+        by_run.setdefault(r["run"], []).append(r)
     lines = []
     for d in {(d["preset"], d["device"]): d for d in devices}.values():
         lines.append(
@@ -265,10 +268,8 @@ def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = 
         vs_stock = stock[group]["decode_ms_per_token"] / r["decode_ms_per_token"] if group in stock else None
         fast = full_fast.get((*group, r["decode"]))
         vs_full = fast["decode_ms_per_token"] / r["decode_ms_per_token"] if fast is not None else None
-        # what statistics, selection and merging add to the prefill: only against a full row of the same run
-        # and chunking (prefill times of different code or chunk sizes are not comparable)
-        same = fast is not None and fast is not r and (fast["run"], fast.get("chunk")) == (r["run"], r.get("chunk"))
-        over = f"{r['prefill_s'] / fast['prefill_s'] - 1:+.1%}" if same else "-"
+        extra = prefill_over_full(r, by_run[r["run"]])
+        over = f"{extra:+.1%}" if extra is not None else "-"
         lines.append(
             f"| {key} | {r['run']} | {r['prefill_s']:.2f} | {over} | {r['decode_ms_per_token']:.2f} | "
             f"{_num(r.get('replay_ms'))} | {r['floor_ms']:.2f} | {r['ratio_to_floor']:.2f} | "

@@ -91,6 +91,25 @@ def test_report_gives_the_prefill_over_the_full_cache_only_within_one_run(tmp_pa
     assert lines["qwen2-7b/1024/b1/full/1/static"][3] == "-"
 
 
+def test_prefill_over_full_needs_the_same_shape_decode_path_and_chunking(capsys) -> None:
+    from meda.kv.bench import prefill_over_full, print_rows
+
+    def row(method: str, prefill: float, **changes) -> dict:
+        base = {"key": f"q/{method}/{sorted(changes.items())}", "preset": "q", "tokens": 1024, "batch": 1,
+                "method": method, "decode": "static", "chunk": 0, "prefill_s": prefill, "decode_ms_per_token": 5.0,
+                "replay_ms": None, "floor_ms": 2.0, "ratio_to_floor": 2.5, "kv_bytes_after": 1, "peak_bytes": 1}
+        return base | changes
+
+    full, meda = row("full", 10.0), row("meda", 12.0)
+    others = [row("meda", 11.0, chunk=256), row("meda", 11.0, batch=8), row("meda", 11.0, decode="dynamic")]
+    rows = [full, meda, *others]
+    assert prefill_over_full(meda, rows) == pytest.approx(0.2)
+    assert prefill_over_full(full, rows) is None
+    assert all(prefill_over_full(r, rows) is None for r in others)
+    print_rows(rows)
+    assert "+20.0%" in capsys.readouterr().out
+
+
 def test_the_kvpress_runner_says_what_is_missing() -> None:
     spec = importlib.util.spec_from_file_location("kv_kvpress", ROOT / "benchmarks" / "kv_kvpress.py")
     module = importlib.util.module_from_spec(spec)

@@ -432,16 +432,36 @@ def run_speed(
         torch.cuda.empty_cache()
 
 
+def prefill_over_full(row: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
+    """What statistics, selection and merging add to the prefill: ``row``'s prefill seconds over those of the
+    full cache with the same shape, decode path and chunking among ``rows`` (measured rows of one run:
+    prefill times of different code are not comparable), minus 1; None where there is no such full row."""
+    same = ("preset", "tokens", "batch", "decode", "chunk")
+    for full in rows:
+        if (
+            full is not row
+            and full.get("method") == "full"
+            and full.get("decode") != "stock"
+            and "prefill_s" in full
+            and all(full.get(k) == row.get(k) for k in same)
+        ):
+            return row["prefill_s"] / full["prefill_s"] - 1
+    return None
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     """A readable table of measured rows (device records and errors are listed apart)."""
     runs = [r for r in rows if r.get("kind") != "device" and "error" not in r]
+    over = [prefill_over_full(r, runs) for r in runs]
     print_table(
-        "decode speed (median ms/token of the generate loop; floor = weights + kept KV over copy bandwidth)",
-        ["case", "prefill s", "decode ms", "replay ms", "floor ms", "x floor", "KV after", "peak"],
+        "decode speed (median ms/token of the generate loop; floor = weights + kept KV over copy bandwidth; "
+        "prefill +: over the full cache's prefill in this run)",
+        ["case", "prefill s", "prefill +", "decode ms", "replay ms", "floor ms", "x floor", "KV after", "peak"],
         [
             [
                 r["key"],
                 r["prefill_s"],
+                f"{extra:+.1%}" if extra is not None else "-",
                 r["decode_ms_per_token"],
                 r["replay_ms"] if r["replay_ms"] is not None else "-",
                 r["floor_ms"],
@@ -449,7 +469,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                 human_bytes(r["kv_bytes_after"]),
                 human_bytes(r["peak_bytes"]),
             ]
-            for r in runs
+            for r, extra in zip(runs, over, strict=True)
         ],
     )
     for r in rows:
