@@ -304,7 +304,7 @@ class CompressionSession:
                 **logits,
                 query_subset=_evenly_spaced(query, r.entropy_queries),
             )
-        if r.allocator == "density":
+        if r.allocator_for(groups.source) == "density":  # as the entropy: only where the allocator reads it
             self._density[idx] = sparsity.post_vision_density(query, key, groups.vision, groups.valid, **logits)
 
     # ---- compression -------------------------------------------------------------------

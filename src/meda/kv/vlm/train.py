@@ -273,6 +273,14 @@ def log(out: Path, record: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # bad options fail here, before minutes of loading
+    try:
+        mix = parse_mix(args.tasks)
+    except ValueError as err:
+        raise SystemExit(f"--tasks: {err}") from None
+    for name in ("count_half_match", "large_share"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out, device = args.out, torch.device(args.device)
     ckpt = args.ckpt or out / "ckpt"
@@ -316,16 +324,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workers = args.workers if args.workers is not None else (max(1, (os.cpu_count() or 2) - 4) if cuda else 0)
     if cuda:
         torch.set_num_threads(2)
-    try:
-        mix = parse_mix(args.tasks)
-    except ValueError as err:
-        raise SystemExit(f"--tasks: {err}") from None
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
-    for name in ("count_half_match", "large_share"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(args, name)}")
     options = BatchOptions(mix, args.describe_first, args.questions, args.count_half_match, args.large_share)
     stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, options)
     loader = torch.utils.data.DataLoader(
