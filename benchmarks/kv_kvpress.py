@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import statistics
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
-from meda.kv.bench import SpeedCase, _StepClock, copy_bandwidth, decode_weight_bytes, text_prompt
+from meda.kv.bench import SpeedCase, _StepClock, copy_bandwidth, decode_weight_bytes, long_vlm_prompt, text_prompt
 
 
 def presses() -> dict[str, type]:
@@ -43,6 +44,16 @@ def presses() -> dict[str, type]:
     from kvpress.presses.snapkv_press import SnapKVPress
 
     return {"snapkv": SnapKVPress, "pyramidkv": PyramidKVPress}
+
+
+def prompt(model, tokens: int, batch: int, image_side: int, device: str) -> dict[str, torch.Tensor]:
+    """``kv_speed.py``'s prompt for this shape (one image inside text per row for Qwen-VL shapes, else text),
+    less the inputs this transformers' ``forward`` does not take (5.2 has no ``mm_token_type_ids``)."""
+    if getattr(model.config, "vision_config", None) is None:
+        return text_prompt(model.config, tokens, batch, device)
+    inputs = long_vlm_prompt(model.config, tokens, image_side, device, batch)
+    accepted = inspect.signature(model.forward).parameters
+    return {k: v for k, v in inputs.items() if k in accepted}
 
 
 def press_key(preset: str, tokens: int, batch: int, name: str, budget: float) -> str:
@@ -107,8 +118,10 @@ def _version(package: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="qwen2-7b", help="meda.kv.tiny preset shape (text models only)")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Qwen2 on the CPU (checks the runner only)")
+    p.add_argument("--preset", default="qwen2-7b", help="meda.kv.tiny preset shape (qwen2-7b, qwen2-vl-7b, ...)")
+    p.add_argument("--tiny", default=None, metavar="FAMILY",
+                   help="a tiny random model of this family on the CPU (qwen2, qwen2_vl: checks the runner only)")
+    p.add_argument("--image-side", type=int, default=128, help="image grid side (patches) of the VL prompt")
     p.add_argument("--tokens", default="32768", help="comma list of prompt lengths")
     p.add_argument("--batches", default="1", help="comma list of batch sizes")
     p.add_argument("--budgets", default="0.05,0.1,0.2", help="comma list of kept fractions")
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     from meda.kv.tiny import build_shaped, build_tiny
 
     if args.tiny:
-        model, preset, bandwidth = build_tiny("qwen2").model, "tiny-qwen2", 0.0
+        model, preset, bandwidth = build_tiny(args.tiny).model, f"tiny-{args.tiny}", 0.0
     else:
         model, preset, bandwidth = build_shaped(args.preset, device="cuda").model, args.preset, copy_bandwidth()
     weights = decode_weight_bytes(model)
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     with args.out.open("a") as f:
         shapes = [(int(n), int(b)) for n in args.tokens.split(",") for b in args.batches.split(",")]
         for n, batch in shapes:
-            inputs = text_prompt(model.config, n, batch, device)
+            inputs = prompt(model, n, batch, args.image_side, device)
             for name in args.presses.split(","):
                 for budget in [float(x) for x in args.budgets.split(",")]:
                     try:

@@ -120,6 +120,32 @@ def test_the_kvpress_runner_says_what_is_missing() -> None:
         module.presses()
 
 
+def test_the_kvpress_runner_gives_a_vl_shape_the_benchmark_prompt_less_what_its_forward_does_not_take() -> None:
+    import torch
+
+    from meda.kv.bench import long_vlm_prompt
+    from meda.kv.tiny import build_tiny
+
+    spec = importlib.util.spec_from_file_location("kv_kvpress", ROOT / "benchmarks" / "kv_kvpress.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = build_tiny("qwen2_vl").model
+    full = long_vlm_prompt(model.config, 96, 8, "cpu", batch=2)
+    inputs = module.prompt(model, 96, 2, 8, "cpu")
+    assert set(inputs) == set(full) and torch.equal(inputs["input_ids"], full["input_ids"])
+
+    class OlderForward(torch.nn.Module):  # transformers 5.2's Qwen2-VL takes no mm_token_type_ids
+        config = model.config
+
+        def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+            raise NotImplementedError
+
+    older = module.prompt(OlderForward(), 96, 2, 8, "cpu")
+    assert set(older) == set(full) - {"mm_token_type_ids"}
+    text = module.prompt(build_tiny("qwen2").model, 64, 3, 8, "cpu")
+    assert text["input_ids"].shape == (3, 64) and "pixel_values" not in text
+
+
 def test_the_vision_language_prompt_takes_a_batch_and_runs_through_a_tiny_qwen2_vl() -> None:
     import torch
 
