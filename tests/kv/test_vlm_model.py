@@ -212,6 +212,8 @@ def test_large_share_draws_the_upper_half_and_leaves_the_default_draws_alone() -
     base = [s >= 32 for t, s, _ in default if t != "describe"]
     assert sum(large) / len(large) > sum(base) / len(base) + 0.3
     assert all(s <= 8 for t, s, _ in tilted if t == "describe")
+    curriculum = draws(large_share=0.6, large_after=150)
+    assert curriculum[:150] == default[:150] and curriculum[150:] == tilted[150:]
 
 
 @pytest.mark.parametrize("task", ["describe", "mm-needle", "mm-count", "mm-order", "mm-assoc"])
@@ -322,8 +324,9 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert steps[0]["loss_large"] == {} and steps[1]["loss_large"] == steps[1]["loss"]  # 3 images: all "large"
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
-    assert start["large_share"] == 0.0
+    assert start["large_share"] == 0.0 and start["large_after"] == 0
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
+                                 ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
         with pytest.raises(SystemExit, match=message):
             train.main([*common, flag, value, "--max-steps", "1"])

@@ -190,6 +190,8 @@ class BatchOptions:
             (:func:`~meda.kv.eval.tasks_mm.make_count`).
         large_share: the share of task batches (not ``describe``) drawn at ``max_images / 2`` to ``max_images``
             images; 0 draws exactly what runs before this option drew.
+        large_after: the batch index from which ``large_share`` applies (a curriculum: the batches before it
+            are exactly those of ``large_share=0``, the ones from it on exactly those of ``large_share``).
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -197,19 +199,21 @@ class BatchOptions:
     questions: int = 1
     count_half_match: float = 0.0
     large_share: float = 0.0
+    large_after: int = 0
 
 
 def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
     """``(task, images per sample, salt of the sample seeds)`` of batch ``index``: ``describe`` for the first
     ``options.describe_first`` batches, then a task drawn from ``options.mix`` by weight; sizes half
-    log-uniform, half uniform (``describe``: 1-8 images), and with probability ``options.large_share`` (not for
-    ``describe``) uniform over the upper half."""
+    log-uniform, half uniform (``describe``: 1-8 images), and from batch ``options.large_after`` on, with
+    probability ``options.large_share`` (not for ``describe``), uniform over the upper half."""
     rng = random.Random(f"{seed}/{index}")
     drawn = rng.choices(tuple(options.mix), weights=tuple(options.mix.values()))[0]
     task = "describe" if index < options.describe_first else drawn
     low, high = (1, min(8, max_images)) if task == "describe" else (min(3, max_images), max_images)
     size = round(low * (high / low) ** rng.random()) if rng.random() < 0.5 else rng.randint(low, high)
-    if options.large_share > 0 and task != "describe" and rng.random() < options.large_share:
+    tilted = options.large_share > 0 and index >= options.large_after and task != "describe"
+    if tilted and rng.random() < options.large_share:
         size = rng.randint(max(low, high // 2), high)
     return task, max(low, min(high, size)), rng.randrange(2**31)
 
