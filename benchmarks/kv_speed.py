@@ -233,6 +233,13 @@ def _read(paths: list[Path]) -> list[dict]:
     return rows
 
 
+def short_error(error: str, sentences: int = 3) -> str:
+    """An error's first ``sentences`` sentences: what failed and, for CUDA out of memory, how much it asked
+    for and how much was free (the allocator's advice after that is the same on every row)."""
+    parts = str(error).split(". ")
+    return ". ".join(parts[:sentences]) + ("." if len(parts) > sentences else "")
+
+
 def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = False) -> None:
     """Markdown table (one row per case, latest measurement wins) and, optionally, the PNG: one line per method
     and run, or with ``one_series`` one line per method over all the files (runs that fill in each other's
@@ -276,8 +283,9 @@ def report(paths: list[Path], md: Path, png: Path | None, *, one_series: bool = 
             f"{_num(vs_stock, 'x')} | {_num(vs_full, 'x')} | {r['kv_bytes_after'] / 1e9:.3f} GB | "
             f"{r['peak_bytes'] / 1e9:.1f} GB |"
         )
-    for key, err in errors.items():
-        lines.append(f"| {key} | {err} |  |  |  |  |  |  |  |  |  |  |")
+    if errors:
+        lines += ["", "Cases that failed (no measurement of theirs above):", "", "| case | error |", "|---|---|"]
+        lines += [f"| {key} | {short_error(err)} |" for key, err in errors.items()]
     lines += _profile_lines([r for r in rows if r.get("kind") == "profile" and "error" not in r])
     lines += _attention_lines([r for r in rows if r.get("kind") == "attention" and "error" not in r])
     md.parent.mkdir(parents=True, exist_ok=True)

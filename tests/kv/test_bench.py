@@ -91,6 +91,25 @@ def test_report_gives_the_prefill_over_the_full_cache_only_within_one_run(tmp_pa
     assert lines["qwen2-7b/1024/b1/full/1/static"][3] == "-"
 
 
+def test_report_lists_failed_cases_apart_with_the_error_shortened(tmp_path) -> None:
+    import json
+
+    kv_speed = _kv_speed()
+    oom = ("OutOfMemoryError: CUDA out of memory. Tried to allocate 37.00 GiB. GPU 0 has a total capacity of "
+           "139.80 GiB of which 28.95 GiB is free. Including non-PyTorch memory, this process has 110.85 GiB")
+    rows = [{"key": "q/131072/b8/full/1/static", "error": oom}, {"key": "q/1024/b1/snapkv/0.1/static",
+                                                                  "error": "RuntimeError: size mismatch"}]
+    path = tmp_path / "run.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    md = tmp_path / "t.md"
+    kv_speed.report([path], md, None)
+    text = md.read_text()
+    assert "| q/131072/b8/full/1/static | OutOfMemoryError: CUDA out of memory. Tried to allocate 37.00 GiB. GPU 0 " \
+           "has a total capacity of 139.80 GiB of which 28.95 GiB is free. |" in text
+    assert "| q/1024/b1/snapkv/0.1/static | RuntimeError: size mismatch |" in text
+    assert "this process has" not in text
+
+
 def test_prefill_over_full_needs_the_same_shape_decode_path_and_chunking(capsys) -> None:
     from meda.kv.bench import prefill_over_full, print_rows
 
