@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 
-from meda.kv.bench import SpeedCase, _StepClock, copy_bandwidth, decode_weight_bytes, long_vlm_prompt, text_prompt
+from meda.kv.bench import SpeedCase, _StepClock, copy_bandwidth, decode_weight_bytes, prompt_for
 
 
 def presses() -> dict[str, type]:
@@ -47,11 +47,9 @@ def presses() -> dict[str, type]:
 
 
 def prompt(model, tokens: int, batch: int, image_side: int, device: str) -> dict[str, torch.Tensor]:
-    """``kv_speed.py``'s prompt for this shape (one image inside text per row for Qwen-VL shapes, else text),
-    less the inputs this transformers' ``forward`` does not take (5.2 has no ``mm_token_type_ids``)."""
-    if getattr(model.config, "vision_config", None) is None:
-        return text_prompt(model.config, tokens, batch, device)
-    inputs = long_vlm_prompt(model.config, tokens, image_side, device, batch)
+    """``kv_speed.py``'s prompt for this shape (:func:`meda.kv.bench.prompt_for`), less the inputs this
+    transformers' ``forward`` does not take (5.2's Qwen2-VL has no ``mm_token_type_ids``)."""
+    inputs = prompt_for(model, tokens, batch, image_side, device)
     accepted = inspect.signature(model.forward).parameters
     return {k: v for k, v in inputs.items() if k in accepted}
 

@@ -187,11 +187,11 @@ def long_vlm_prompt(config, tokens: int, image_side: int, device: str, batch: in
     }
 
 
-def prompt_for(model, tokens: int, batch: int, image_side: int) -> dict[str, torch.Tensor]:
+def prompt_for(model, tokens: int, batch: int, image_side: int, device: str = "cuda") -> dict[str, torch.Tensor]:
     """A long prompt for ``model``: one image inside text per row for Qwen-VL shapes, else text."""
     if getattr(model.config, "vision_config", None) is None:
-        return text_prompt(model.config, tokens, batch, "cuda")
-    return long_vlm_prompt(model.config, tokens, image_side, "cuda", batch)
+        return text_prompt(model.config, tokens, batch, device)
+    return long_vlm_prompt(model.config, tokens, image_side, device, batch)
 
 
 def kv_read_bytes(model, report: CompressionReport, batch: int) -> int:

@@ -272,6 +272,21 @@ def vision_accuracy(image_tokens: torch.Tensor, items: torch.Tensor, targets: to
     return right.float().mean()
 
 
+class TaskMeans:
+    """Per-task running means of a loss between two log lines (added on the device, read once per log line)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, task: str, value: torch.Tensor) -> None:
+        self.totals[task] = self.totals.get(task, 0) + value.detach()
+        self.counts[task] = self.counts.get(task, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {task: round(float(total) / self.counts[task], 4) for task, total in self.totals.items()}
+
+
 def log(out: Path, record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
     with (out / "train_log.jsonl").open("a") as f:
@@ -368,12 +383,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.train()
     t0 = time.perf_counter() - spent
     last_save, tokens = time.perf_counter(), 0
-    running: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    running = TaskMeans()
     # the same over the batches at --max-images / 2 or more images: the long prompts the evaluation asks about
     # (a loss averaged over all sizes hid the sixth run's failures at 64 images)
-    running_large: dict[str, torch.Tensor] = {}
-    counts_large: dict[str, int] = {}
+    running_large = TaskMeans()
     image_norm = torch.zeros((), device=device)
     aligned = torch.zeros((), device=device)
     seen = torch.zeros((), device=device)
@@ -399,11 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(vision + lora, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        running[task] = running.get(task, 0) + (align if loss is None else loss).detach()
-        counts[task] = counts.get(task, 0) + 1
+        running.add(task, align if loss is None else loss)
         if loss is not None and batch.images >= args.max_images // 2:
-            running_large[task] = running_large.get(task, 0) + loss.detach()
-            counts_large[task] = counts_large.get(task, 0) + 1
+            running_large.add(task, loss)
         image_norm = image_norm + image_tokens.detach().float().norm(dim=-1).mean()
         aligned = aligned + align.detach()
         seen = seen + vision_accuracy(image_tokens.detach(), items, targets)
@@ -411,14 +422,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step += 1
         if step % args.log_every == 0:
             elapsed = time.perf_counter() - t0
-            losses = {task: round(float(total) / counts[task], 4) for task, total in running.items()}
-            large = {task: round(float(total) / counts_large[task], 4) for task, total in running_large.items()}
             log(
                 out,
                 {
                     "step": step,
-                    "loss": losses,
-                    "loss_large": large,
+                    "loss": running.means(),
+                    "loss_large": running_large.means(),
                     "image_norm": round(image_norm.item() / args.log_every, 2),
                     "text_norm": round(text_norm, 2),
                     "align": round(aligned.item() / args.log_every, 4),
@@ -429,8 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "data_wait": round(waited / max(time.perf_counter() - window_start, 1e-6), 3),
                 },
             )
-            running, counts, waited, window_start = {}, {}, 0.0, time.perf_counter()
-            running_large, counts_large = {}, {}
+            running, running_large, waited, window_start = TaskMeans(), TaskMeans(), 0.0, time.perf_counter()
             image_norm = torch.zeros((), device=device)
             aligned = torch.zeros((), device=device)
             seen = torch.zeros((), device=device)
