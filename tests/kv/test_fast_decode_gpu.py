@@ -56,7 +56,8 @@ def test_graph_decode_equals_uncaptured_static_bf16_and_sampling() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_vl"])
 def test_compiled_graph_decode_matches_dynamic_float32(family: str) -> None:
-    """decode="compiled": the inductor-compiled step, captured as a CUDA graph, gives the dynamic path's tokens."""
+    """decode="compiled": the step with inductor-compiled norms and MLPs, captured as a CUDA graph, gives the
+    dynamic path's tokens."""
     t = _on_cuda(family, torch.float32)
     inputs = {k: v.to("cuda") for k, v in t.inputs(3).items()}  # left-padded batch
     ref, _, _ = _generate(t, inputs, "pyramidkv", 0.3, "dynamic", do_sample=False)

@@ -142,7 +142,7 @@ def test_chunked_prefill_then_static_decode_matches_dynamic() -> None:
     assert torch.equal(out, ref) and counts["eager"] == NEW - 1
 
 
-# ---- decode="compiled": the step compiled by torch.compile before capture ------------------------------
+# ---- decode="compiled": the layers' norms and MLPs compiled by torch.compile inside the step -------------
 def generate_compiled(t, inputs, method: str, budget, backend: str, new: int = NEW, **kw):
     """Like :func:`generate` with decode="compiled", compiled with ``backend`` ("eager": dynamo's trace only)."""
     kw.setdefault("do_sample", False)
@@ -150,26 +150,32 @@ def generate_compiled(t, inputs, method: str, budget, backend: str, new: int = N
         decoder = session_of(t.model).decoder
         decoder.compile_backend = backend
         out = t.model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **kw)
-    return out, dict(decoder.counts), report
+    return out, dict(decoder.counts, classes=decoder.sub_blocks.compiled_classes), report
+
+
+def dynamo_counters():
+    import torch._dynamo.utils
+
+    return torch._dynamo.utils.counters
 
 
 def assert_compiled_matches(t, inputs, method: str, budget, backend: str = "eager") -> None:
-    import torch._dynamo.utils
-
-    torch._dynamo.utils.counters.clear()
+    dynamo_counters().clear()
     ref, _, _ = generate(t, inputs, method, budget, "dynamic")
     out, counts, report = generate_compiled(t, inputs, method, budget, backend)
     assert torch.equal(out, ref), f"{t.family}/{method}: compiled static tokens differ from dynamic"
     assert counts["compiled"] == NEW - 1 and not report.notes, (counts, report.notes)
-    breaks = dict(torch._dynamo.utils.counters["graph_break"])
-    assert not breaks, f"{t.family}: the compiled decode step has graph breaks: {list(breaks)[:2]}"
+    breaks = dict(dynamo_counters()["graph_break"])
+    assert not breaks, f"{t.family}: a compiled sub-block has graph breaks: {list(breaks)[:2]}"
+    assert any("MLP" in c for c in counts["classes"]), f"{t.family}: no MLP was compiled: {counts['classes']}"
+    assert all("forward" not in vars(m) for m in t.model.modules()), "a compiled forward outlived the session"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gemma2", "gemma3_text", "gemma3", "cohere2")])
-def test_compiled_step_traces_whole_and_matches_dynamic_every_family(family: str) -> None:
-    """Dynamo traces the static step of every family without a graph break (sliding-window families keep
-    dynamic layers and run uncompiled) and gives the dynamic tokens on a left-padded batch."""
+def test_compiled_sub_blocks_trace_whole_and_match_dynamic_every_family(family: str) -> None:
+    """Dynamo traces every family's norms and MLPs without a graph break (sliding-window families keep
+    dynamic layers and run uncompiled) and the step gives the dynamic tokens on a left-padded batch."""
     t = tiny(family)
     assert_compiled_matches(t, t.inputs(3), "adakv", 0.3)
 
@@ -186,18 +192,42 @@ def test_compiled_step_with_inductor_matches_dynamic() -> None:
     assert_compiled_matches(t, t.inputs(3), "snapkv", 0.3, backend="inductor")
 
 
-def test_one_compiled_step_serves_every_method() -> None:
-    """Dynamic shapes without duck sizing: layers whose slot counts differ (PyramidKV, AdaKV) need no recompile."""
-    import torch._dynamo.utils
-    from torch.fx.experimental import _config
-
-    assert hasattr(_config, "use_duck_shape"), "torch removed use_duck_shape: update meda.kv.fast_decode.distinct_sizes"
+def test_one_graph_per_sub_block_class_serves_every_layer_and_method() -> None:
+    """The sub-blocks of all layers share one compiled graph per class (RMSNorm, MLP), whatever the method:
+    the compile does not grow with the depth."""
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    dynamo_counters().clear()
     t = tiny("mistral")
+    assert t.model.config.num_hidden_layers >= 2
     for method in ("snapkv", "pyramidkv", "full"):
         generate_compiled(t, t.inputs(2), method, 1.0 if method == "full" else 0.3, "eager")
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert dynamo_counters()["stats"]["unique_graphs"] == 2
+
+
+def test_sub_blocks_are_the_layers_children_besides_attention() -> None:
+    from meda.kv.support import attention_modules, decoder_sub_blocks
+
+    model = tiny("gemma3_text").model
+    blocks = decoder_sub_blocks(model, attention_modules(model))
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if any(m is b for b in blocks)}
+    assert names == {"mlp", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"}
+    assert len(blocks) == 5 * model.config.num_hidden_layers
+
+
+def test_a_sub_block_with_its_own_forward_wrapper_stays_uncompiled_and_says_so() -> None:
+    """accelerate's device hooks set an instance ``forward``: compiling over it would skip the hook."""
+    t = tiny("llama")
+    mlp = t.model.model.layers[0].mlp
+    mlp.forward = functools.partial(type(mlp).forward, mlp)  # stands in for a hook's wrapper
+    try:
+        inputs = t.inputs(2)
+        ref, _, _ = generate(t, inputs, "snapkv", 0.3, "dynamic")
+        out, _, report = generate_compiled(t, inputs, "snapkv", 0.3, "eager")
+        assert torch.equal(out, ref)
+        assert "forward" in vars(mlp) and any("1 decoder sub-blocks" in n for n in report.notes), report.notes
+    finally:
+        del mlp.forward
 
 
 def test_a_failing_compile_falls_back_to_the_uncompiled_step_and_says_so() -> None:

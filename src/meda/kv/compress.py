@@ -42,8 +42,9 @@ def compress(
             each decode step replayed from a captured CUDA graph (:mod:`meda.kv.fast_decode`).
             Both give the same greedy tokens; ``"static"`` decodes one token per step (no
             assisted decoding, no continued prompts) and also applies to method ``full``.
-            ``"compiled"`` is ``"static"`` with the step compiled by ``torch.compile`` before the
-            capture (falls back to the uncompiled step, with a report note, on any compile error).
+            ``"compiled"`` is ``"static"`` with the decoder layers' norms and MLPs compiled by
+            ``torch.compile`` inside the captured step (one compile per module class, whatever the
+            depth; falls back to the uncompiled step, with a report note, on any compile error).
         decode_room: with ``decode="static"``, decode slots reserved per layer after the kept
             prefill; the buffers double when a generation runs past them (one re-capture).
             Attention reads every reserved slot, so keep it near ``max_new_tokens``.

@@ -11,11 +11,12 @@
 2. on CUDA, the first such step runs eagerly (on a side stream: the warm-up), then the step is
    captured once in a CUDA graph; every later step copies its inputs and replays the graph
    (gpt-fast's recipe);
-3. with ``compile=True`` (``compress(..., decode="compiled")``) the step is first compiled with
-   ``torch.compile`` (inductor fuses the norms, rotary embeddings, activations and residual adds
-   into few kernels) and the *compiled* step is what the graph captures, after two compiled
-   warm-up steps; a compile or capture error falls back to the uncompiled step (a warning and a
-   report note say so);
+3. with ``compile=True`` (``compress(..., decode="compiled")``) the decoder layers' pure sub-blocks (norms,
+   MLPs: :func:`meda.kv.support.decoder_sub_blocks`) run compiled by ``torch.compile`` inside the step
+   (:class:`CompiledSubBlocks`; inductor fuses each norm and the MLP's activation into few kernels) and
+   that step is what the graph captures, after two warm-up steps; the attention and the cache writes stay
+   as in ``static``. A compile or capture error falls back to the uncompiled step (a warning and a report
+   note say so);
 4. on the CPU, or when capture fails (a warning says why), the same step runs eagerly (compiled or not).
 
 The step reads no host state: the static layers' counters are kept here (room checked before a step,
@@ -73,28 +74,49 @@ def _signature(kwargs: dict[str, Any]) -> tuple | None:
     return tuple(sig)
 
 
-def distinct_sizes():
-    """While compiling the step: every dynamic size gets its own symbol, even where two are equal now.
-
-    By default torch.compile's shape environment gives equal sizes one symbol ("duck sizing") and
-    guards on the equality, so a step compiled over layers of equal slot counts recompiles for
-    every method whose layers differ (PyramidKV, MEDA, AdaKV). The switch is the private
-    ``torch.fx.experimental._config.use_duck_shape`` (this is the one place that touches it;
-    tests/kv/test_static_decode.py fails if it disappears); without it, the step compiles more often.
-    """
-    from torch.fx.experimental import _config
-
-    if not hasattr(_config, "use_duck_shape"):
-        return contextlib.nullcontext()
-    return _config.patch(use_duck_shape=False)
-
-
 def _no_recompile(compiled: bool):
     """While capturing a compiled step: a recompile (which would compile and autotune inside the capture)
     raises instead."""
     if compiled and hasattr(torch.compiler, "set_stance"):
         return torch.compiler.set_stance("fail_on_recompile")
     return contextlib.nullcontext()
+
+
+class CompiledSubBlocks:
+    """The decoder layers' pure sub-blocks, run through ``torch.compile`` while a decode step runs.
+
+    One compiled function per module class, shared by every layer: dynamo takes the module as an input and
+    guards on its parameters' shapes, not on its identity, so a model of any depth compiles about one
+    layer's sub-blocks (``benchmarks/kv_compile_time.py``: 12.8 s at 28 layers on the CPU, where compiling
+    the whole step took 80.7 s and grows with the depth). The compiled forwards are instance attributes
+    set for the step only (:meth:`installed`): the prefill and everything else run the model's own modules.
+    A sub-block that already has an instance ``forward`` (accelerate's device hooks) is left uncompiled.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = [m for m in modules if "forward" not in vars(m)]
+        self.left_uncompiled = len(modules) - len(self.modules)
+        self._by_class: dict[type, Callable] = {}
+
+    @property
+    def compiled_classes(self) -> list[str]:
+        """Names of the module classes compiled so far (one compiled forward each)."""
+        return sorted(cls.__name__ for cls in self._by_class)
+
+    @contextlib.contextmanager
+    def installed(self, backend: str | Callable, mode: str):
+        """Within the block each sub-block's ``forward`` is its class's compiled forward."""
+        for module in self.modules:
+            cls = type(module)
+            if cls not in self._by_class:
+                options = {"mode": mode} if backend == "inductor" else {}
+                self._by_class[cls] = torch.compile(cls.forward, backend=backend, **options)
+            module.forward = functools.partial(self._by_class[cls], module)
+        try:
+            yield
+        finally:
+            for module in self.modules:
+                vars(module).pop("forward", None)
 
 
 class OutputTemplate:
@@ -120,8 +142,8 @@ class StaticDecoder:
 
     Attributes:
         use_graph: capture and replay CUDA graphs (on CUDA only; False runs every step eagerly).
-        compile: run (and capture) the step compiled by ``torch.compile`` (``compile_backend``, default
-            inductor, in ``compile_mode``; tests trace with the "eager" backend).
+        compile: run (and capture) the step with ``sub_blocks`` compiled by ``torch.compile``
+            (``compile_backend``, default inductor, in ``compile_mode``; tests trace with the "eager" backend).
         counts: ``{"graph": steps replayed, "eager": static steps run outside a graph, "compiled": those of
             them run compiled, "captures": n}``.
         notes: what the report should say (capture or compile failures, steps that could not be captured).
@@ -136,21 +158,28 @@ class StaticDecoder:
         prepare: Callable | None = None,
         use_graph: bool = True,
         compile: bool = False,
+        sub_blocks: list[torch.nn.Module] | None = None,
         compile_mode: str = "default",
         compile_backend: str | Callable = "inductor",
     ):
         """``forward``: the model's own; ``prepare(cache, attention_mask) -> bool`` moves a prefilled cache into
-        static layers at its first one-token step (the session's :meth:`prepare_static`)."""
+        static layers at its first one-token step (the session's :meth:`prepare_static`); ``sub_blocks``: the
+        modules that ``compile`` compiles (:func:`meda.kv.support.decoder_sub_blocks`)."""
         self.forward = forward
         self.prepare = prepare
         self.use_graph = use_graph
         self.compile, self.compile_mode, self.compile_backend = compile, compile_mode, compile_backend
-        self._compiled: Callable | None = None
+        self.sub_blocks = CompiledSubBlocks(sub_blocks or [])
         self.counts = {"graph": 0, "eager": 0, "compiled": 0, "captures": 0}
         self.notes: list[str] = []
         self.timing = False
         self.step_layers: list[StaticLayer] | None = None
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        if compile and self.sub_blocks.left_uncompiled:
+            self._note(
+                f"{self.sub_blocks.left_uncompiled} decoder sub-blocks have their own forward wrapper (device "
+                "hooks) and run uncompiled"
+            )
         self._drop_graph()
         functools.update_wrapper(self, forward)  # generate inspects forward's signature
 
@@ -209,50 +238,42 @@ class StaticDecoder:
         return True
 
     def _warmed_up(self, sig: tuple, cache) -> bool:
-        """Count a warm-up step of this signature and cache; True once enough ran to capture (the compiled
-        step's first two calls may compile twice: static shapes, then dynamic ones)."""
+        """Count a warm-up step of this signature and cache; True once enough ran to capture (a compiled
+        sub-block's first two calls may compile twice: static shapes, then dynamic ones)."""
         last_sig, last_cache, n = self._warm
         n = n + 1 if (last_sig, last_cache) == (sig, id(cache)) else 1
         self._warm = (sig, id(cache), n)
         return n >= (2 if self.compile else 1)
 
-    def _step_fn(self) -> Callable:
-        if not self.compile:
-            return self.forward
-        if self._compiled is None:
-            # dynamic shapes: one compiled step serves every method, budget and prompt length (slot counts)
-            mode = {"mode": self.compile_mode} if self.compile_backend == "inductor" else {}
-            self._compiled = torch.compile(self.forward, backend=self.compile_backend, dynamic=True, **mode)
-        return self._compiled
-
     def _eager(self, step: dict[str, Any], layers: list[StaticLayer], *, on_side_stream: bool):
         """One step outside a graph (compiled when asked; a compile error reruns it uncompiled)."""
         slots = [layer.slot.clone() for layer in layers] if self.compile else None
         try:
-            out = self._run(self._step_fn(), step, layers, on_side_stream)
+            out = self._run(step, layers, on_side_stream, compiled=self.compile)
         except Exception as err:
             if not self.compile:
                 raise
             for layer, slot in zip(layers, slots, strict=True):  # undo the writes of a partly run step
                 layer.slot.copy_(slot)
             self._compile_failed("torch.compile of the decode step", err)
-            out = self._run(self.forward, step, layers, on_side_stream)
+            out = self._run(step, layers, on_side_stream, compiled=False)
         self.counts["eager"] += 1
         self.counts["compiled"] += int(self.compile)
         for layer in layers:
             layer.advance()
         return out
 
-    def _run(self, fn: Callable, step: dict[str, Any], layers: list[StaticLayer], on_side_stream: bool):
+    def _run(self, step: dict[str, Any], layers: list[StaticLayer], on_side_stream: bool, *, compiled: bool):
         self.step_layers = layers
+        compiling = self.sub_blocks.installed(self.compile_backend, self.compile_mode)
         try:
-            with distinct_sizes() if fn is self._compiled else contextlib.nullcontext():
+            with compiling if compiled else contextlib.nullcontext():
                 if not on_side_stream:
-                    return fn(**step)
+                    return self.forward(**step)
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    out = fn(**step)
+                    out = self.forward(**step)
                 torch.cuda.current_stream().wait_stream(side)
                 return out
         finally:
@@ -272,7 +293,7 @@ class StaticDecoder:
         compiled = self.compile
         try:
             with _no_recompile(compiled), torch.cuda.graph(graph):
-                output = self._run(self._step_fn(), {**step, **inputs}, layers, on_side_stream=False)
+                output = self._run({**step, **inputs}, layers, on_side_stream=False, compiled=compiled)
         except Exception as err:  # a host sync, an unsupported op, or a recompile inside the step
             torch.cuda.synchronize()
             if compiled:  # capture the uncompiled step at the next warm-up instead

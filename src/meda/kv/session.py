@@ -27,10 +27,10 @@ from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
 from meda.kv.static_cache import StaticLayer
-from meda.kv.support import attention_softcap, decoder_layers
+from meda.kv.support import attention_softcap, decoder_layers, decoder_sub_blocks
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static + torch.compile of the step
+DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static, the layers' norms and MLPs compiled
 _MISSING = object()
 
 
@@ -127,7 +127,10 @@ class CompressionSession:
         if self.decode != "dynamic":  # generate calls model(...) -> model.forward: the instance attribute wins
             self._saved_forward = self.model.__dict__.get("forward", _MISSING)
             compiled = self.decode == "compiled"
-            self.decoder = StaticDecoder(self.model.forward, prepare=self.prepare_static, compile=compiled)
+            sub_blocks = decoder_sub_blocks(self.model, self.modules) if compiled else None
+            self.decoder = StaticDecoder(
+                self.model.forward, prepare=self.prepare_static, compile=compiled, sub_blocks=sub_blocks
+            )
             self.model.forward = self.decoder
 
     def detach(self) -> None:

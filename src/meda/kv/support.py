@@ -50,6 +50,15 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
+def decoder_sub_blocks(model: torch.nn.Module, attention: dict[int, torch.nn.Module]) -> list[torch.nn.Module]:
+    """The pure sub-blocks of the decoder layers: every child of a layer holding one of ``attention``'s
+    modules, other than that attention (its norms, its MLP, dropouts). They read no cache, so
+    ``decode="compiled"`` compiles them one module at a time (:mod:`meda.kv.fast_decode`)."""
+    attention_ids = {id(a) for a in attention.values()}
+    layers = [m for m in model.modules() if any(id(c) in attention_ids for c in m.children())]
+    return [c for layer in layers for c in layer.children() if id(c) not in attention_ids]
+
+
 def _uses_attention_interface(module: torch.nn.Module) -> bool:
     """Whether ``module`` is a causal self-attention that calls transformers' attention interface."""
     idx, scaling = getattr(module, "layer_idx", None), getattr(module, "scaling", None)
