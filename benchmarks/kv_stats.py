@@ -10,7 +10,8 @@ extra ``Q K^T`` pass must cost at any efficiency.
 
 CPU part (``--fidelity``): on SmolLM2-135M, how far sampled statistics move what MEDA keeps: the
 overlap of the kept sets (per layer and KV head, uniform budget) and of the entropy layer budgets
-under exact vs sampled statistics, and the leading greedy tokens that agree with exact statistics.
+under exact vs sampled statistics, and the leading greedy tokens that agree with exact statistics
+(h2o, and meda with its entropy budgets kept on text: see ``READS_STATISTICS``).
 
 CPU part (``--chunked``): on SmolLM2-135M, what compressing chunk by chunk (``prefill_chunk_size``)
 costs against one-shot compression of the same prompts: leading greedy tokens equal to the one-shot
@@ -276,6 +277,12 @@ def kept_overlap(exact: torch.Tensor, approx: torch.Tensor, keep: int, valid: to
     return float(((a & b).sum(-1).float() / a.sum(-1).clamp_min(1)).mean())
 
 
+# the recipes whose kept tokens the sampled statistics change on a text prompt: the recommended meda scores
+# keys with SnapKV's window and gives text-only prompts uniform budgets (reading no statistic), so here it
+# keeps its entropy budgets on text; h2o keeps the keys of the highest cumulative scores
+READS_STATISTICS: dict[str, dict] = {"meda": {"text_only_allocator": "entropy"}, "h2o": {}}
+
+
 def fidelity_main(args) -> dict:
     """Sampled vs exact statistics on SmolLM2-135M (CPU): kept sets, layer budgets, greedy tokens."""
     from kv_fidelity import agree, prompts
@@ -288,7 +295,7 @@ def fidelity_main(args) -> dict:
     model, tok = load_model("smollm2-135m", device="cpu")
     samples = [64, 256] if args.quick else [64, 128, 256, 512]
     budget, new_tokens = 0.2, 8 if args.quick else 12
-    cases = prompts(2, 6) if args.quick else prompts(4, 8)
+    cases = prompts(2, args.paragraphs or 6) if args.quick else prompts(4, args.paragraphs or 8)
     acc = {s: {"kept_overlap": [], "budget_moved": [], "meda_agree": 0, "h2o_agree": 0} for s in samples}
     t0 = time.perf_counter()
     for prompt, _ in cases:
@@ -314,8 +321,8 @@ def fidelity_main(args) -> dict:
         exact_budget = entropy_budgets(exact_entropy, budget).fractions
         with torch.inference_mode():
             refs = {}
-            for method in ("meda", "h2o"):
-                with compress(model, method, budget):
+            for method, options in READS_STATISTICS.items():
+                with compress(model, method, budget, **options):
                     refs[method] = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, n:]
             for s in samples:
                 rows = evenly_spaced(n, s, "cpu")
@@ -327,8 +334,8 @@ def fidelity_main(args) -> dict:
                 acc[s]["budget_moved"].append(
                     float((entropy_budgets(en, budget).fractions - exact_budget).abs().sum() / 2)
                 )
-                for method in ("meda", "h2o"):
-                    with compress(model, method, budget, score_queries=s, entropy_queries=s):
+                for method, options in READS_STATISTICS.items():
+                    with compress(model, method, budget, score_queries=s, entropy_queries=s, **options):
                         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, n:]
                     acc[s][f"{method}_agree"] += agree(out, refs[method])
     total = len(cases) * new_tokens
@@ -345,7 +352,8 @@ def fidelity_main(args) -> dict:
     print_table(
         f"SmolLM2-135M, budget {budget}, {len(cases)} prompts of ~{n} tokens: sampled vs exact statistics "
         f"({time.perf_counter() - t0:.0f} s)",
-        ["queries", "kept-set overlap (h2o scores)", "layer budget moved (meda)", "meda tokens =", "h2o tokens ="],
+        ["queries", "kept-set overlap (h2o scores)", "layer budget moved (meda)", "meda (entropy budgets) tokens =",
+         "h2o tokens ="],
         [
             [r["queries"], r["kept_overlap"], r["budget_moved"], r["meda_tokens_agree"], r["h2o_tokens_agree"]]
             for r in runs
@@ -365,7 +373,7 @@ def chunked_main(args) -> dict:
     model, tok = load_model("smollm2-135m", device="cpu")
     methods, chunk_sizes = (["meda", "h2o"], [128]) if args.quick else (["meda", "h2o", "snapkv"], [128, 256])
     budget, new_tokens = 0.2, 8 if args.quick else 12
-    cases = prompts(2, 6) if args.quick else prompts(4, 8)
+    cases = prompts(2, args.paragraphs or 6) if args.quick else prompts(4, args.paragraphs or 8)
     runs: dict[str, dict] = {}
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -439,6 +447,12 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="skip the model prefill (layer timings only)")
     ap.add_argument("--fidelity", action="store_true", help="CPU: sampled vs exact statistics on SmolLM2-135M")
     ap.add_argument("--chunked", action="store_true", help="CPU: chunk-by-chunk vs one-shot compression on SmolLM2")
+    ap.add_argument(
+        "--paragraphs",
+        type=int,
+        default=None,
+        help="CPU parts: filler paragraphs per prompt, about 107 tokens each (default 8, 6 with --quick: ~856 tokens)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (updated as they come)")
     args = ap.parse_args()
     result = fidelity_main(args) if args.fidelity else chunked_main(args) if args.chunked else gpu_main(args)
