@@ -87,8 +87,8 @@ class CompiledSubBlocks:
 
     One compiled function per module class, shared by every layer: dynamo takes the module as an input and
     guards on its parameters' shapes, not on its identity, so a model of any depth compiles about one
-    layer's sub-blocks (``benchmarks/kv_compile_time.py``: 12.8 s at 28 layers on the CPU, where compiling
-    the whole step took 80.7 s and grows with the depth). The compiled forwards are instance attributes
+    layer's sub-blocks (``benchmarks/kv_compile_time.py`` on the CPU: 14.4 s at 4 layers, 12.9 s at 28, where
+    compiling the whole step took 28.6 s and 80.7 s). The compiled forwards are instance attributes
     set for the step only (:meth:`installed`): the prefill and everything else run the model's own modules.
     A sub-block that already has an instance ``forward`` (accelerate's device hooks) is left uncompiled.
     """
@@ -265,9 +265,9 @@ class StaticDecoder:
 
     def _run(self, step: dict[str, Any], layers: list[StaticLayer], on_side_stream: bool, *, compiled: bool):
         self.step_layers = layers
-        compiling = self.sub_blocks.installed(self.compile_backend, self.compile_mode)
+        compiling = self.sub_blocks.installed(self.compile_backend, self.compile_mode) if compiled else None
         try:
-            with compiling if compiled else contextlib.nullcontext():
+            with compiling or contextlib.nullcontext():
                 if not on_side_stream:
                     return self.forward(**step)
                 side = torch.cuda.Stream()
