@@ -324,12 +324,52 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert steps[0]["loss_large"] == {} and steps[1]["loss_large"] == steps[1]["loss"]  # 3 images: all "large"
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
-    assert start["large_share"] == 0.0 and start["large_after"] == 0
+    assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
         with pytest.raises(SystemExit, match=message):
             train.main([*common, flag, value, "--max-steps", "1"])
+
+
+def test_count_list_follow_ups_name_every_matching_image_and_change_nothing_when_off() -> None:
+    """``count_list``: mm-count's follow-ups may ask which images show an item in 2-6 of them; each answer lists
+    exactly those images (checked from the sample's metadata); off, the turns are the ones drawn before."""
+    import random
+
+    from meda.kv.vlm import data
+
+    listed = 0
+    for seed in range(12):
+        sample = data.make_count(TRAIN_SEED_START + seed, 24)
+        names = sample.meta["items"]
+        plain = data.follow_ups("mm-count", sample, random.Random(seed), 7)
+        assert plain == data.follow_ups("mm-count", sample, random.Random(seed), 7, count_list=False)
+        assert all("image numbers" not in q for q, _ in plain)
+        for question, answer in data.follow_ups("mm-count", sample, random.Random(seed), 40, count_list=True):
+            if "image numbers" not in question:
+                continue
+            listed += 1
+            item = question.removeprefix("Which images show a ").split("?")[0]
+            assert answer == ", ".join(str(i + 1) for i, name in enumerate(names) if name == item)
+            assert 2 <= len(answer.split(", ")) <= 6
+    assert listed >= 12  # the target alone is in 2-6 images in most samples
+
+
+def test_count_list_reaches_the_training_batches(processor, monkeypatch) -> None:
+    from meda.kv.vlm import data
+
+    seen: list[bool] = []
+    follow_ups = data.follow_ups
+
+    def recording(task, sample, rng, count, count_list=False):
+        seen.append(count_list)
+        return follow_ups(task, sample, rng, count, count_list)
+
+    monkeypatch.setattr(data, "follow_ups", recording)
+    index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")
+    data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(questions=4, count_list=True))
+    assert seen and set(seen) == {True}
 
 
 def test_alignment_separates_targets_that_nearly_coincide() -> None:

@@ -88,6 +88,22 @@ def _count_pool(sample: Sample, rng: random.Random) -> list[QA]:
     return [(count_question(_BY_NAME[n]), str(c)) for n, c in tally.items() if n and low <= c <= high]
 
 
+def count_list_question(item: str) -> str:
+    return f"Which images show a {item}? Answer with the image numbers in order."
+
+
+def _count_list_pool(sample: Sample, rng: random.Random) -> list[QA]:
+    """Training only (``BatchOptions.count_list``): for every item in 2-6 of the images, which images they are
+    (``"3, 17, 40"``), so that a count sample also trains finding each match, not only their sum."""
+    names = sample.meta["items"]
+    where: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name:
+            where.setdefault(name, []).append(i + 1)
+    low, high = max(2, COUNT_RANGE[0]), COUNT_RANGE[1]
+    return [(count_list_question(n), ", ".join(map(str, at))) for n, at in where.items() if low <= len(at) <= high]
+
+
 def _assoc_pool(sample: Sample, rng: random.Random) -> list[QA]:
     pairs = zip(sample.meta["items"], sample.meta["words"], strict=True)
     return [(assoc_question(_BY_NAME[n]), w) for n, w in pairs]
@@ -103,9 +119,10 @@ _FOLLOW_UP_POOLS: dict[str, Callable[[Sample, random.Random], list[QA]]] = {
 }
 
 
-def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> list[QA]:
+def follow_ups(task: str, sample: Sample, rng: random.Random, count: int, count_list: bool = False) -> list[QA]:
     """Up to ``count`` more ``(question, answer)`` turns on the same images, each a question the task itself
-    asks, with its exact answer, other than the one ``sample`` asks (training only).
+    asks, with its exact answer, other than the one ``sample`` asks (training only); with ``count_list``,
+    mm-count's pool also holds :func:`_count_list_pool`'s questions.
 
     Why: one sample's answer is 2-3 tokens against 600-4,600 prompt tokens, so a step learns from very few
     targets; follow-up turns give the same forward pass several. ``mm-count`` keeps at most one follow-up
@@ -114,6 +131,8 @@ def follow_ups(task: str, sample: Sample, rng: random.Random, count: int) -> lis
     if task not in _FOLLOW_UP_POOLS:
         raise ValueError(f"no follow-up questions for task {task!r}")
     pool = [qa for qa in _FOLLOW_UP_POOLS[task](sample, rng) if not sample.text.endswith(qa[0])]
+    if task == "mm-count" and count_list:
+        pool += _count_list_pool(sample, rng)
     rng.shuffle(pool)
     if task == "mm-count":
         ones = [qa for qa in pool if qa[1] == "1"]
@@ -192,6 +211,7 @@ class BatchOptions:
             images; 0 draws exactly what runs before this option drew.
         large_after: the batch index from which ``large_share`` applies (a curriculum: the batches before it
             are exactly those of ``large_share=0``, the ones from it on exactly those of ``large_share``).
+        count_list: mm-count's follow-ups also ask which images show an item (:func:`_count_list_pool`).
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -200,6 +220,7 @@ class BatchOptions:
     count_half_match: float = 0.0
     large_share: float = 0.0
     large_after: int = 0
+    count_list: bool = False
 
 
 def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
@@ -262,7 +283,7 @@ def make_batch(
         sample_seed = TRAIN_SEED_START + salt * 4096 + j
         sample = make(sample_seed, size)
         enc = sample_inputs(processor, sample)
-        turns = follow_ups(task, sample, random.Random(sample_seed), questions - 1)
+        turns = follow_ups(task, sample, random.Random(sample_seed), questions - 1, options.count_list)
         row, row_spans = conversation(tokenizer, enc["input_ids"][0].tolist(), sample.answer, turns)
         rows.append(row)
         spans.append(row_spans)

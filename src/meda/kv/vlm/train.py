@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "sizes as with --large-share 0; an 8.2-minute H200 run takes about 1,270 steps)",
     )
     p.add_argument(
+        "--count-list",
+        action="store_true",
+        help="mm-count samples also ask which images show each item in 2-6 of them (\"3, 17, 40\"): training "
+        "to find every match, not only their sum (the evaluation task is unchanged; not yet run on a GPU)",
+    )
+    p.add_argument(
         "--norm-weight",
         type=float,
         default=1.0,
@@ -352,7 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
     options = BatchOptions(
-        mix, args.describe_first, args.questions, args.count_half_match, args.large_share, args.large_after
+        mix,
+        args.describe_first,
+        args.questions,
+        args.count_half_match,
+        args.large_share,
+        args.large_after,
+        args.count_list,
     )
     stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, options)
     loader = torch.utils.data.DataLoader(
@@ -371,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "count_half_match": args.count_half_match,
             "large_share": args.large_share,
             "large_after": args.large_after,
+            "count_list": args.count_list,
         },
     )
     meta = {
