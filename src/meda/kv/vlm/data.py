@@ -92,7 +92,7 @@ def count_list_question(item: str) -> str:
     return f"Which images show a {item}? Answer with the image numbers in order."
 
 
-def _count_list_pool(sample: Sample, rng: random.Random) -> list[QA]:
+def _count_list_pool(sample: Sample) -> list[QA]:
     """Training only (``BatchOptions.count_list``): for every item in 2-6 of the images, which images they are
     (``"3, 17, 40"``), so that a count sample also trains finding each match, not only their sum."""
     names = sample.meta["items"]
@@ -132,7 +132,7 @@ def follow_ups(task: str, sample: Sample, rng: random.Random, count: int, count_
         raise ValueError(f"no follow-up questions for task {task!r}")
     pool = [qa for qa in _FOLLOW_UP_POOLS[task](sample, rng) if not sample.text.endswith(qa[0])]
     if task == "mm-count" and count_list:
-        pool += _count_list_pool(sample, rng)
+        pool += _count_list_pool(sample)
     rng.shuffle(pool)
     if task == "mm-count":
         ones = [qa for qa in pool if qa[1] == "1"]

@@ -358,13 +358,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
     targets = item_targets(model, tokenizer).to(device)
     options = BatchOptions(
-        mix,
-        args.describe_first,
-        args.questions,
-        args.count_half_match,
-        args.large_share,
-        args.large_after,
-        args.count_list,
+        mix=mix,
+        describe_first=args.describe_first,
+        questions=args.questions,
+        count_half_match=args.count_half_match,
+        large_share=args.large_share,
+        large_after=args.large_after,
+        count_list=args.count_list,
     )
     stream = BatchStream(processor, args.seed, step, args.max_images, args.tokens, options)
     loader = torch.utils.data.DataLoader(
