@@ -162,13 +162,23 @@ def dynamo_counters():
 def assert_compiled_matches(t, inputs, method: str, budget, backend: str = "eager") -> None:
     dynamo_counters().clear()
     ref, _, _ = generate(t, inputs, method, budget, "dynamic")
+    rotary_before = rotary_functions_of(t.model)
     out, counts, report = generate_compiled(t, inputs, method, budget, backend)
     assert torch.equal(out, ref), f"{t.family}/{method}: compiled static tokens differ from dynamic"
     assert counts["compiled"] == NEW - 1 and not report.notes, (counts, report.notes)
     breaks = dict(dynamo_counters()["graph_break"])
     assert not breaks, f"{t.family}: a compiled sub-block has graph breaks: {list(breaks)[:2]}"
     assert any("MLP" in c for c in counts["classes"]), f"{t.family}: no MLP was compiled: {counts['classes']}"
+    assert any("rotary" in c for c in counts["classes"]), f"{t.family}: no rotary compiled: {counts['classes']}"
     assert all("forward" not in vars(m) for m in t.model.modules()), "a compiled forward outlived the session"
+    assert rotary_functions_of(t.model) == rotary_before, "a compiled rotary function outlived the session"
+
+
+def rotary_functions_of(model) -> dict[tuple[str, str], object]:
+    """``{(modeling module, name): the function that name is bound to now}`` for the model's rotary functions."""
+    from meda.kv.support import attention_modules, rotary_functions
+
+    return {(ns.__name__, name): getattr(ns, name) for ns, name in rotary_functions(attention_modules(model))}
 
 
 @pytest.mark.slow
@@ -193,15 +203,38 @@ def test_compiled_step_with_inductor_matches_dynamic() -> None:
 
 
 def test_one_graph_per_sub_block_class_serves_every_layer_and_method() -> None:
-    """The sub-blocks of all layers share one compiled graph per class (RMSNorm, MLP), whatever the method:
-    the compile does not grow with the depth."""
+    """The sub-blocks of all layers share one compiled graph per class (RMSNorm, MLP) and one for the rotary
+    embedding, whatever the method: the compile does not grow with the depth."""
     torch._dynamo.reset()
     dynamo_counters().clear()
     t = tiny("mistral")
     assert t.model.config.num_hidden_layers >= 2
     for method in ("snapkv", "pyramidkv", "full"):
         generate_compiled(t, t.inputs(2), method, 1.0 if method == "full" else 0.3, "eager")
-    assert dynamo_counters()["stats"]["unique_graphs"] == 2
+    assert dynamo_counters()["stats"]["unique_graphs"] == 3
+
+
+def test_every_family_rotates_through_one_module_level_function_that_compiled_decode_swaps() -> None:
+    """decode="compiled" finds the rotary embedding by the global name the attention's forward calls; this fails
+    loudly when transformers renames or inlines it (the step would then run it eagerly, ~10 kernels a layer)."""
+    from meda.kv.support import ROTARY_FUNCTION_NAMES, attention_modules, rotary_functions
+
+    for family in FAMILIES:
+        model = build_tiny(family).model
+        found = rotary_functions(attention_modules(model))
+        assert len(found) == 1 and found[0][1] in ROTARY_FUNCTION_NAMES, (family, found)
+        namespace = found[0][0]
+        assert namespace.__name__ == type(attention_modules(model)[0]).__module__, (family, namespace.__name__)
+
+
+def test_an_attention_that_calls_no_rotary_function_has_none() -> None:
+    from meda.kv.support import rotary_functions
+
+    class NoRope(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    assert rotary_functions({0: NoRope()}) == []
 
 
 def test_sub_blocks_are_the_layers_children_besides_attention() -> None:

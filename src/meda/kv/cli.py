@@ -74,7 +74,7 @@ def run(
     decode: str = typer.Option(
         "dynamic",
         help="dynamic (transformers' decode loop), static (fast path: static buffers, CUDA graph on GPU; "
-        "same tokens) or compiled (static with the layers' norms and MLPs compiled by torch.compile).",
+        "same tokens) or compiled (static with the layers' norms, MLPs and rotary embedding compiled by torch.compile).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -131,7 +131,7 @@ def bench(
     decode: str = typer.Option(
         "static",
         help="Comma list of decode paths for the compressed runs: static (fast path), compiled (static with the "
-        "norms and MLPs compiled by torch.compile) and/or dynamic.",
+        "norms, MLPs and rotary embedding compiled by torch.compile) and/or dynamic.",
     ),
     decode_tokens: int = typer.Option(32, min=2, help="Tokens decoded per run (median ms/token over them)."),
     image_side: int = typer.Option(64, min=2, help="Image grid side in patches for VL presets (tokens = side^2 / 4)."),

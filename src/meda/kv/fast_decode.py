@@ -12,8 +12,10 @@
    captured once in a CUDA graph; every later step copies its inputs and replays the graph
    (gpt-fast's recipe);
 3. with ``compile=True`` (``compress(..., decode="compiled")``) the decoder layers' pure sub-blocks (norms,
-   MLPs: :func:`meda.kv.support.decoder_sub_blocks`) run compiled by ``torch.compile`` inside the step
-   (:class:`CompiledSubBlocks`; inductor fuses each norm and the MLP's activation into few kernels) and
+   MLPs: :func:`meda.kv.support.decoder_sub_blocks`) and the attention's rotary embedding
+   (:func:`meda.kv.support.rotary_functions`) run compiled by ``torch.compile`` inside the step
+   (:class:`CompiledSubBlocks`; inductor fuses each norm, the MLP's activation and the rotation of queries
+   and keys into few kernels) and
    that step is what the graph captures, after two warm-up steps; the attention and the cache writes stay
    as in ``static``. A compile or capture error falls back to the uncompiled step (a warning and a report
    note say so);
@@ -91,30 +93,46 @@ class CompiledSubBlocks:
     compiling the whole step took 28.6 s and 80.7 s). The compiled forwards are instance attributes
     set for the step only (:meth:`installed`): the prefill and everything else run the model's own modules.
     A sub-block that already has an instance ``forward`` (accelerate's device hooks) is left uncompiled.
+
+    ``functions`` are ``(modeling module, name)`` of module-level functions the attention calls by name (the
+    rotary embedding: :func:`meda.kv.support.rotary_functions`): for the step only, that name in that module
+    is a compiled copy (one graph for all layers), and the original is put back after the step. While a
+    compiled step runs, any model of the same family in the process sees the compiled copy (same results).
     """
 
-    def __init__(self, modules: list[torch.nn.Module]):
+    def __init__(self, modules: list[torch.nn.Module], functions: list[tuple[Any, str]] | None = None):
         self.modules = [m for m in modules if "forward" not in vars(m)]
         self.left_uncompiled = len(modules) - len(self.modules)
+        self.functions = list(functions or [])
         self._by_class: dict[type, Callable] = {}
+        self._by_function: dict[tuple[str, str], Callable] = {}
 
     @property
     def compiled_classes(self) -> list[str]:
-        """Names of the module classes compiled so far (one compiled forward each)."""
-        return sorted(cls.__name__ for cls in self._by_class)
+        """Names of the module classes and functions compiled so far (one compiled graph set each)."""
+        return sorted([cls.__name__ for cls in self._by_class] + [name for _, name in self._by_function])
 
     @contextlib.contextmanager
     def installed(self, backend: str | Callable, mode: str):
-        """Within the block each sub-block's ``forward`` is its class's compiled forward."""
+        """Within the block each sub-block's ``forward`` is its class's compiled forward and each of
+        ``functions`` is its compiled copy."""
+        options = {"mode": mode} if backend == "inductor" else {}
         for module in self.modules:
             cls = type(module)
             if cls not in self._by_class:
-                options = {"mode": mode} if backend == "inductor" else {}
                 self._by_class[cls] = torch.compile(cls.forward, backend=backend, **options)
             module.forward = functools.partial(self._by_class[cls], module)
+        originals = [(namespace, name, getattr(namespace, name)) for namespace, name in self.functions]
+        for namespace, name, original in originals:
+            key = (namespace.__name__, name)
+            if key not in self._by_function:
+                self._by_function[key] = torch.compile(original, backend=backend, **options)
+            setattr(namespace, name, self._by_function[key])
         try:
             yield
         finally:
+            for namespace, name, original in originals:
+                setattr(namespace, name, original)
             for module in self.modules:
                 vars(module).pop("forward", None)
 
@@ -159,17 +177,19 @@ class StaticDecoder:
         use_graph: bool = True,
         compile: bool = False,
         sub_blocks: list[torch.nn.Module] | None = None,
+        functions: list[tuple[Any, str]] | None = None,
         compile_mode: str = "default",
         compile_backend: str | Callable = "inductor",
     ):
         """``forward``: the model's own; ``prepare(cache, attention_mask) -> bool`` moves a prefilled cache into
         static layers at its first one-token step (the session's :meth:`prepare_static`); ``sub_blocks``: the
-        modules that ``compile`` compiles (:func:`meda.kv.support.decoder_sub_blocks`)."""
+        modules that ``compile`` compiles (:func:`meda.kv.support.decoder_sub_blocks`); ``functions``: the
+        module-level functions it compiles (:func:`meda.kv.support.rotary_functions`)."""
         self.forward = forward
         self.prepare = prepare
         self.use_graph = use_graph
         self.compile, self.compile_mode, self.compile_backend = compile, compile_mode, compile_backend
-        self.sub_blocks = CompiledSubBlocks(sub_blocks or [])
+        self.sub_blocks = CompiledSubBlocks(sub_blocks or [], functions)
         self.counts = {"graph": 0, "eager": 0, "compiled": 0, "captures": 0}
         self.notes: list[str] = []
         self.timing = False

@@ -27,10 +27,10 @@ from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
 from meda.kv.static_cache import StaticLayer
-from meda.kv.support import attention_softcap, decoder_layers, decoder_sub_blocks
+from meda.kv.support import attention_softcap, decoder_layers, decoder_sub_blocks, rotary_functions
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static, the layers' norms and MLPs compiled
+DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static, norms, MLPs, rotary compiled
 _MISSING = object()
 
 
@@ -128,8 +128,13 @@ class CompressionSession:
             self._saved_forward = self.model.__dict__.get("forward", _MISSING)
             compiled = self.decode == "compiled"
             sub_blocks = decoder_sub_blocks(self.model, self.modules) if compiled else None
+            functions = rotary_functions(self.modules) if compiled else None
             self.decoder = StaticDecoder(
-                self.model.forward, prepare=self.prepare_static, compile=compiled, sub_blocks=sub_blocks
+                self.model.forward,
+                prepare=self.prepare_static,
+                compile=compiled,
+                sub_blocks=sub_blocks,
+                functions=functions,
             )
             self.model.forward = self.decoder
 

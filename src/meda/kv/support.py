@@ -14,6 +14,7 @@ cache and are left as they are. A model with no full-attention layer has nothing
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,26 @@ def decoder_sub_blocks(model: torch.nn.Module, attention: dict[int, torch.nn.Mod
     attention_ids = {id(a) for a in attention.values()}
     layers = [m for m in model.modules() if any(id(c) in attention_ids for c in m.children())]
     return [c for layer in layers for c in layer.children() if id(c) not in attention_ids]
+
+
+# module-level functions that attention forwards call by name to rotate queries and keys
+ROTARY_FUNCTION_NAMES = ("apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb")
+
+
+def rotary_functions(attention: dict[int, torch.nn.Module]) -> list[tuple[Any, str]]:
+    """``(modeling module, name)`` of each rotary-embedding function that ``attention``'s forwards call by a
+    global name (``apply_rotary_pos_emb``, Qwen2-VL's ``apply_multimodal_rotary_pos_emb``): pure functions of
+    queries, keys, cos and sin that ``decode="compiled"`` swaps for a compiled copy while a step runs, since
+    eager they cost ~10 small kernels per layer. Found through the forward's code (``co_names``), so a family
+    whose attention rotates otherwise (or not at all) simply has none."""
+    found: dict[tuple[str, str], tuple[Any, str]] = {}
+    for module in attention.values():
+        cls = type(module)
+        namespace = sys.modules[cls.__module__]
+        for name in ROTARY_FUNCTION_NAMES:
+            if name in inspect.unwrap(cls.forward).__code__.co_names and callable(getattr(namespace, name, None)):
+                found[(cls.__module__, name)] = (namespace, name)
+    return list(found.values())
 
 
 def _uses_attention_interface(module: torch.nn.Module) -> bool:
