@@ -1,8 +1,9 @@
 """How long ``torch.compile`` takes for ``decode="compiled"``, and whether its tokens equal ``decode="static"``'s.
 
-``decode="compiled"`` compiles the decoder layers' pure sub-blocks (norms and MLP) one module at a time, and
-modules of one class share one compiled graph (dynamo takes the module as an input and guards on its
-parameters' shapes, not on its identity), so the compile should cost about one layer's whatever the depth.
+``decode="compiled"`` compiles the decoder layers' pure sub-blocks (norms and MLP) one module at a time and the
+rotary embedding function once, and modules of one class share one compiled graph (dynamo takes the module as an
+input and guards on its parameters' shapes, not on its identity), so the compile should cost about one layer's
+whatever the depth.
 (It used to compile the whole step, whose compile time grew with the depth: 28.6 s at 4 layers and 80.7 s
 at 28 on the CPU, and the 7B shape did not finish in 540 s on the H200 host, docs/kv-speed.md.) This script
 measures the compile time on a tiny random Qwen2 of ``--layers`` layers on the CPU, each depth in its own
