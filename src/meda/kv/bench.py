@@ -6,7 +6,8 @@ length, a batch size, a method and budget, and a decode path:
 - ``stock``: transformers alone, no session (the baseline every figure is compared with);
 - ``dynamic``: inside ``compress(...)``, transformers' own decode loop over the compressed cache;
 - ``static``: inside ``compress(..., decode="static")``, the fast path (static buffers, CUDA graph);
-- ``compiled``: ``decode="compiled"``, the same with the layers' norms, MLPs and rotary embedding compiled by ``torch.compile``.
+- ``compiled``: ``decode="compiled"``, the same with the layers' norms, MLPs and rotary embedding compiled by
+  ``torch.compile``.
 
 Per case: prefill seconds (time to the first token: forward, statistics and compression), the median
 decode milliseconds per token of the generate loop (and, for ``static``, the median GPU time of one

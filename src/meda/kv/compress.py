@@ -44,8 +44,9 @@ def compress(
             assisted decoding, no continued prompts) and also applies to method ``full``.
             ``"compiled"`` is ``"static"`` with the decoder layers' norms, MLPs and rotary embedding
             compiled by ``torch.compile`` inside the captured step (one compile per module class and
-            one for the rotary function, whatever the depth; falls back to the uncompiled step, with a report note, on any compile error). It is
-            meant for CUDA, where the step is a captured graph; on the CPU it is slower than ``"static"``.
+            one for the rotary function, whatever the depth; falls back to the uncompiled step, with a
+            report note, on any compile error). It is meant for CUDA, where the step is a captured
+            graph; on the CPU it is slower than ``"static"``.
         decode_room: with ``decode="static"``, decode slots reserved per layer after the kept
             prefill; the buffers double when a generation runs past them (one re-capture).
             Attention reads every reserved slot, so keep it near ``max_new_tokens``.
