@@ -16,10 +16,11 @@ import torch
 
 from meda.kv import compress
 from meda.kv.eval.fidelity import compressed_run, reference_run
-from meda.kv.eval.harness import evaluate, parse_method, resolve_tasks, split_methods
+from meda.kv.eval.harness import evaluate, parse_method, question_tokens, resolve_tasks, split_methods
 from meda.kv.eval.inputs import sample_inputs
 from meda.kv.eval.output import markdown_table, plot_accuracy
 from meda.kv.eval.tasks import Sample, TaskSpec
+from meda.kv.groups import vision_token_ids
 from meda.kv.tiny import build_tiny
 
 
@@ -89,6 +90,77 @@ def test_budget_one_is_the_reference() -> None:
         run = compressed_run(t.model, inputs, ref, "meda", 1.0, 8, set())
     assert torch.equal(run["tokens"], ref.tokens)
     assert run["token_agreement"] == 1.0 and run["greedy_prefix"] == 1.0 and abs(run["kl"]) < 1e-5
+
+
+def test_question_after_compression_is_exact_at_budget_one_and_compares_the_first_token() -> None:
+    t = tiny()
+    inputs = sample_inputs(CharTokenizer(), toy_task().make(3, 240))
+    with torch.inference_mode():
+        ref = reference_run(t.model, inputs, 8, set())
+        run = compressed_run(t.model, inputs, ref, "snapkv", 1.0, 8, set(), query_tokens=20)
+    assert torch.equal(run["tokens"], ref.tokens)
+    assert run["positions"] == 8 and run["token_agreement"] == 1.0 and run["kl"] < 1e-5  # the first token too
+
+
+def test_question_after_compression_lets_the_cache_decide_a_one_token_answer() -> None:
+    """With the question in the compressed prefill the first answer token is the full cache's whatever the
+    method (nothing is compared); fed after compression it reads the compressed cache and can differ."""
+    t = tiny()
+    inputs = sample_inputs(CharTokenizer(), toy_task().make(5, 240))
+    with torch.inference_mode():
+        ref = reference_run(t.model, inputs, 1, set())
+        inside = compressed_run(t.model, inputs, ref, "streamingllm", 0.1, 1, set())
+        after = compressed_run(t.model, inputs, ref, "streamingllm", 0.1, 1, set(), query_tokens=12)
+    assert inside["positions"] == 0 and inside["kl"] is None and torch.equal(inside["tokens"], ref.tokens)
+    assert after["positions"] == 1 and after["kl"] > 1e-4, after["kl"]
+    assert after["report"]["kept_fraction"] < 0.5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_question_after_the_last_image_is_exact_at_budget_one_on_vlms(family: str) -> None:
+    """The image inputs stay with the compressed part; the question chunk (M-RoPE positions included) continues it."""
+    t = build_tiny(family)
+    inputs = t.inputs(1)
+    query = question_tokens(inputs["input_ids"], vision_token_ids(t.model.config))
+    assert 0 < query < inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        ref = reference_run(t.model, inputs, 6, set())
+        exact = compressed_run(t.model, inputs, ref, "meda", 1.0, 6, set(), query_tokens=query)
+        small = compressed_run(t.model, inputs, ref, "meda", 0.3, 6, set(), query_tokens=query)
+    assert torch.equal(exact["tokens"], ref.tokens) and exact["kl"] < 1e-5 and exact["positions"] == 6
+    assert small["report"]["compressions"] == 2 and small["report"]["kept_fraction"] < 0.5
+
+
+def test_question_tokens_counts_what_follows_the_last_image_and_refuses_prompts_without_one() -> None:
+    ids = torch.tensor([[1, 9, 9, 2, 9, 3, 4, 5]])
+    assert question_tokens(ids, [9]) == 3
+    with pytest.raises(ValueError, match="no image token"):
+        question_tokens(ids, [7])
+    with pytest.raises(ValueError, match="ends with an image"):
+        question_tokens(torch.tensor([[1, 2, 9]]), [9])
+
+
+def test_evaluate_records_question_after_compression(tmp_path: Path) -> None:
+    t = build_tiny("llava")
+
+    class Images:  # a processor stand-in: the tiny model's own multimodal inputs for every sample
+        image_processor = object()
+
+        def __call__(self, *args, **kwargs):
+            return t.inputs(1)
+
+    task = TaskSpec("toy-mm", "multimodal", lambda seed, size: Sample(text="<image>", answer="x", images=[0]), (1,), 4,
+                    lambda p, s: 0.0, "toy")  # fmt: skip
+    processor = Images()
+    processor.image_token, processor.tokenizer = "<image>", CharTokenizer()
+    payload = evaluate(
+        t.model, processor, model_name="tiny-llava", tasks=[task], methods=["full", "snapkv"], budgets=[1.0],
+        samples=1, out=tmp_path, progress=False, question_after_compression=True,
+    )  # fmt: skip
+    cells = {(r["method"], r["budget"]): r for r in payload["runs"]}
+    assert payload["config"]["question_after_compression"] is True
+    assert cells[("snapkv", 1.0)]["fidelity"]["positions"] == 4  # every answer token, the first included
+    assert "Question after compression" in markdown_table(payload)
 
 
 def test_evaluate_writes_the_contract(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ def run(
     decode: str = typer.Option(
         "dynamic",
         help="dynamic (transformers' decode loop), static (fast path: static buffers, CUDA graph on GPU; "
-        "same tokens) or compiled (static with the layers' norms, MLPs and rotary embedding compiled by torch.compile).",
+        "same tokens) or compiled (static with the layers' norms, MLPs and rotary embedding compiled by "
+        "torch.compile).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -227,6 +228,12 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     out: Path = typer.Option(Path("runs/eval"), help="Folder for results.json, results.md and accuracy_TASK.png."),
     as_json: bool = typer.Option(False, "--json", help="Print results.json on stdout instead of the table."),
+    question_after: bool = typer.Option(
+        False,
+        "--question-after-compression",
+        help="Multimodal tasks: compress each prompt up to its last image first, then feed the question over the "
+        "compressed cache, so every answer token (a one-token count too) reads the compressed cache.",
+    ),
 ) -> None:
     """Accuracy and fidelity of compressed caches on long-context tasks, against the full cache.
 
@@ -257,6 +264,12 @@ def eval_(
         for b in budget_list:
             parse_budget(b)
         size_list = [int(s) for s in sizes.split(",") if s.strip()] or None
+        text_tasks = [t.name for t in specs if t.kind == "text"]
+        if question_after and text_tasks:
+            raise ValueError(
+                f"--question-after-compression splits prompts after their last image; {', '.join(text_tasks)} "
+                "have none (their answers are several tokens: run them without it)"
+            )
         dev = pick_device(device)
         loaded, processor = load_model(model, device=dev)
         payload = evaluate(
@@ -272,6 +285,7 @@ def eval_(
             device=dev,
             new_tokens=new_tokens or None,
             out=out,
+            question_after_compression=question_after,
         )
     except (ValueError, TypeError, NotImplementedError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")

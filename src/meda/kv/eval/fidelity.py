@@ -16,6 +16,12 @@ next-token distributions the reference. A compressed run (:func:`compressed_run`
 
 ``greedy_prefix`` is the share of the reference's tokens that the compressed greedy answer reproduces
 before its first difference (the figure ``benchmarks/kv_fidelity.py`` reported).
+
+With ``query_tokens=N`` the prompt's last ``N`` tokens (the question) are fed only after the rest has been
+prefilled and compressed, as one more prompt chunk over the compressed cache (question-agnostic
+compression): then the first answer token too is predicted from the compressed cache, and it counts as a
+compared position. Without it, an answer of one token (a count, a one-word answer) is the full cache's
+whatever the method.
 """
 
 from __future__ import annotations
@@ -67,9 +73,24 @@ def _step(model: torch.nn.Module, tokens: Tensor, cache: Any) -> Tensor:
     return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
-def _prefill(model: torch.nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Any]:
-    out = model(**inputs, use_cache=True)
-    return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+# inputs with one entry per prompt token ([batch, tokens]); the others (pixel values, image sizes) are per image
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def _prefill(model: torch.nn.Module, inputs: dict[str, Tensor], query_tokens: int = 0) -> tuple[Tensor, Any]:
+    """Log-probs of the first answer token (float32 ``[vocab]``) and the cache after the prompt; with
+    ``query_tokens`` the prompt's last ``query_tokens`` tokens go in a second forward over the cache the first
+    one left (compressed by then, inside a ``compress`` block)."""
+    if not query_tokens:
+        out = model(**inputs, use_cache=True)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+    ids = inputs["input_ids"]
+    if not 0 < query_tokens < ids.shape[1]:
+        raise ValueError(f"query_tokens={query_tokens} must leave a prompt to compress ({ids.shape[1]} tokens)")
+    cut = ids.shape[1] - query_tokens
+    head = {k: (v[:, :cut] if k in PER_TOKEN_INPUTS else v) for k, v in inputs.items()}
+    cache = model(**head, use_cache=True).past_key_values
+    return _step(model, ids[:, cut:], cache)[-1], cache
 
 
 def _greedy(model, cache, first: Tensor, first_log_probs: Tensor, new_tokens: int, eos: set[int]):
@@ -98,8 +119,10 @@ def compressed_run(
     new_tokens: int,
     eos: set[int],
     options: dict[str, object] | None = None,
+    query_tokens: int = 0,
 ) -> dict[str, Any]:
-    """One compressed generation (at most ``new_tokens``), its fidelity to ``reference`` and its report.
+    """One compressed generation (at most ``new_tokens``), its fidelity to ``reference`` and its report;
+    ``query_tokens``: the prompt's last tokens fed after compression (module docstring).
 
     Returns:
         ``{"tokens": LongTensor [t], "token_agreement": float | None, "kl": float | None,
@@ -108,11 +131,11 @@ def compressed_run(
     """
     ref = reference.tokens
     with compress(model, method=method, budget=budget, **(options or {})) as report:
-        first_log_probs, cache = _prefill(model, inputs)
+        first_log_probs, cache = _prefill(model, inputs, query_tokens)
         branch = None  # (cache state, first differing token, its log-probs, position) at the first difference
-        if int(first_log_probs.argmax()) != int(ref[0]):  # numerically possible only: the prefill is uncompressed
+        if int(first_log_probs.argmax()) != int(ref[0]):  # without query_tokens only numerically: uncompressed
             branch = (CacheSnapshot(cache), first_log_probs.argmax(), first_log_probs, 0)
-        rows = []
+        rows = [first_log_probs] if query_tokens else []  # the first token is compared when compression preceded it
         for i in range(1, len(ref)):  # one token per step: exactly what decoding does
             log_probs = _step(model, ref[i - 1].view(1, 1), cache)[-1]  # predicts ref[i]
             rows.append(log_probs)
@@ -120,8 +143,9 @@ def compressed_run(
                 branch = (CacheSnapshot(cache), log_probs.argmax(), log_probs, i)
         positions = len(rows)
         if positions:
-            q, p = torch.stack(rows), reference.log_probs[1:]
-            token_agreement = float((q.argmax(-1) == ref[1:]).float().mean())
+            start = 0 if query_tokens else 1
+            q, p = torch.stack(rows), reference.log_probs[start:]
+            token_agreement = float((q.argmax(-1) == ref[start:]).float().mean())
             mean_kl = max(0.0, float((p.exp() * (p - q)).sum(-1).mean()))  # rounding leaves ~-1e-8 where p == q
         else:
             token_agreement = mean_kl = None

@@ -26,6 +26,7 @@ from meda.kv.eval.fidelity import compressed_run, reference_run
 from meda.kv.eval.inputs import eos_ids, sample_inputs
 from meda.kv.eval.milebench import PREFIX, load_milebench
 from meda.kv.eval.tasks import TaskSpec, get_task
+from meda.kv.groups import vision_token_ids
 from meda.kv.recipes import resolve_recipe
 
 
@@ -120,6 +121,26 @@ class Cell:
         }
 
 
+def question_tokens(input_ids: torch.Tensor, vision_ids: Sequence[int]) -> int:
+    """How many tokens of a prompt ``input_ids [1, tokens]`` follow its last image (or video) token: the part
+    that ``question_after_compression`` feeds after the compressed prefill.
+
+    Raises:
+        ValueError: the prompt holds no image token (a text task, or a model without vision ids).
+    """
+    is_vision = torch.isin(input_ids[0], torch.tensor(list(vision_ids), device=input_ids.device, dtype=torch.long))
+    if not vision_ids or not bool(is_vision.any()):
+        raise ValueError(
+            "question after compression splits a prompt after its last image; this prompt has no image token "
+            "(run the text tasks without --question-after-compression: their answers are several tokens, so "
+            "the cache already decides all but the first)"
+        )
+    after = int(input_ids.shape[1]) - int(is_vision.nonzero()[-1]) - 1
+    if after == 0:
+        raise ValueError("the prompt ends with an image: no question follows it to feed after compression")
+    return after
+
+
 def evaluate(
     model: torch.nn.Module,
     processor: Any,
@@ -136,6 +157,7 @@ def evaluate(
     out: Path | None = None,
     progress: bool = True,
     on_sample: Callable[[dict[str, Any]], None] | None = None,
+    question_after_compression: bool = False,
 ) -> dict[str, Any]:
     """Run the evaluation and return the ``results.json`` payload (also written to ``out`` as it goes).
 
@@ -147,6 +169,9 @@ def evaluate(
         seed: sample ``i`` of a generated task is ``make(seed + i, size)``.
         sizes: sizes to run for every task (default: each task's own ``sizes``).
         new_tokens: answer length (default: each task's ``max_new_tokens``).
+        question_after_compression: compress each prompt up to and including its last image token first and
+            feed the rest (the question) over the compressed cache (:func:`question_tokens`), so that every
+            answer token reads the compressed cache; prompts without images raise ``ValueError``.
     """
     from tqdm import tqdm
 
@@ -171,8 +196,10 @@ def evaluate(
             "seed": seed,
             "sizes": list(sizes) if sizes else None,
             "device": str(device),
+            "question_after_compression": question_after_compression,
         },
     }
+    vision_ids = vision_token_ids(model.config) if question_after_compression else []
     bar = tqdm(total=len(plan) * (1 + len(compressed) * len(budgets)), desc="eval", unit="run", disable=not progress)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -180,6 +207,7 @@ def evaluate(
             sample = task.make(seed + i, size)
             inputs = sample_inputs(processor, sample, device=device)
             n_tokens = int(inputs["input_ids"].shape[1])
+            query = question_tokens(inputs["input_ids"], vision_ids) if question_after_compression else 0
             tokenizer = getattr(processor, "tokenizer", processor)
             t0 = time.perf_counter()
             ref = reference_run(model, inputs, new_tokens or task.max_new_tokens, eos)
@@ -194,7 +222,7 @@ def evaluate(
                     bar.set_postfix_str(f"{task.name} {size} {spec} {budget}")
                     t0 = time.perf_counter()
                     run = compressed_run(
-                        model, inputs, ref, name, budget, new_tokens or task.max_new_tokens, eos, options
+                        model, inputs, ref, name, budget, new_tokens or task.max_new_tokens, eos, options, query
                     )
                     prediction = tokenizer.decode(run["tokens"], skip_special_tokens=True).strip()
                     cells.setdefault((task.name, spec, budget), Cell()).add(

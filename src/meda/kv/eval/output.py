@@ -18,6 +18,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
     for run in payload["runs"]:
         by_task[run["task"]].append(run)
     lines = [f"# {payload['model']}", ""]
+    if payload.get("config", {}).get("question_after_compression"):
+        lines += ["Question after compression: each prompt up to its last image was compressed first.", ""]
     for task, runs in by_task.items():
         budgets = sorted({r["budget"] for r in runs if r["method"] != "full"})
         samples = max(r["samples"] for r in runs)
