@@ -39,6 +39,7 @@ def test_eval_merge_help_teaches() -> None:
         (["--task", "passkey", "--budgets", "1.5"], "budget"),
         (["--task", "milebench:/does/not/exist"], "no MileBench task"),
         (["--task", "mm-needle,passkey", "--question-after-compression"], "passkey have none"),
+        (["--task", "mm-needle", "--methods", "full,vlcache", "--question-after-compression"], "vlcache (allocator"),
     ],
 )
 def test_bad_input_fails_before_loading(args: list[str], message: str, tmp_path: Path) -> None:

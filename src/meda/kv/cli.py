@@ -249,7 +249,7 @@ def eval_(
     Writes OUT/results.json (rewritten after every sample), OUT/results.md and one accuracy-vs-budget
     PNG per task. See docs/kv-eval.md.
     """
-    from meda.kv.eval.harness import evaluate, parse_method, resolve_tasks, split_methods
+    from meda.kv.eval.harness import check_question_after, evaluate, parse_method, resolve_tasks, split_methods
     from meda.kv.models import load_model
     from meda.kv.run import pick_device
     from meda.kv.session import parse_budget
@@ -270,6 +270,8 @@ def eval_(
                 f"--question-after-compression splits prompts after their last image; {', '.join(text_tasks)} "
                 "have none (their answers are several tokens: run them without it)"
             )
+        if question_after:
+            check_question_after(method_list)
         dev = pick_device(device)
         loaded, processor = load_model(model, device=dev)
         payload = evaluate(

@@ -121,6 +121,29 @@ class Cell:
         }
 
 
+def check_question_after(methods: Sequence[str]) -> None:
+    """With the question fed after compression it is a prompt chunk over the compressed cache: methods whose
+    allocator cannot compress chunk by chunk (VL-Cache's ``density``) are refused before any model loads.
+
+    Raises:
+        ValueError: naming those methods.
+    """
+    from meda.kv.chunked import CHUNK_ALLOCATORS
+
+    refused = []
+    for spec in methods:
+        name, options = parse_method(spec)
+        recipe = resolve_recipe(name, **options)
+        if recipe is not None and recipe.allocator not in CHUNK_ALLOCATORS:
+            refused.append(f"{spec} (allocator {recipe.allocator})")
+    if refused:
+        raise ValueError(
+            f"--question-after-compression feeds the question as a prompt chunk over the compressed cache, which "
+            f"{', '.join(refused)} cannot compress (allocators that can: {', '.join(CHUNK_ALLOCATORS)}); "
+            "drop them from --methods or run without the option"
+        )
+
+
 def question_tokens(input_ids: torch.Tensor, vision_ids: Sequence[int]) -> int:
     """How many tokens of a prompt ``input_ids [1, tokens]`` follow its last image (or video) token: the part
     that ``question_after_compression`` feeds after the compressed prefill.
@@ -176,6 +199,8 @@ def evaluate(
     from tqdm import tqdm
 
     parsed = {spec: parse_method(spec) for spec in methods}
+    if question_after_compression:
+        check_question_after(methods)
     compressed = [spec for spec, (name, _) in parsed.items() if name != "full"]
     eos = eos_ids(model, processor)
     plan = [
