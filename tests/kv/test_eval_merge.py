@@ -58,6 +58,9 @@ def test_overlapping_seeds_missing_config_and_other_models_are_refused() -> None
         merge_payloads([a, {**b, "model": "other", "config": {**b["config"], "seed": 5}}])
     with pytest.raises(ValueError, match="nothing to merge"):
         merge_payloads([])
+    after = {**b, "config": {**b["config"], "seed": 7, "question_after_compression": True}}
+    with pytest.raises(ValueError, match="question after compression"):
+        merge_payloads([a, after])
 
 
 def test_shards_over_different_tasks_are_put_side_by_side() -> None:

@@ -84,7 +84,7 @@ def merge_payloads(payloads: Sequence[dict[str, Any]], names: Sequence[str] | No
 
     Raises:
         ValueError: no payloads, different models, a payload without ``config`` (its seeds are unknown),
-            or two shards that share a seed in the same cell.
+            two shards that share a seed in the same cell, or shards of both question modes.
     """
     if not payloads:
         raise ValueError("nothing to merge: pass at least one folder holding a results.json")
@@ -111,6 +111,12 @@ def merge_payloads(payloads: Sequence[dict[str, Any]], names: Sequence[str] | No
                     )
             cells.setdefault(key, []).append((name, run, seeds))
     configs = [p["config"] for p in payloads]
+    modes = {bool(c.get("question_after_compression")) for c in configs}
+    if len(modes) > 1:
+        raise ValueError(
+            "some shards fed the question after compression and others did not: their figures measure different "
+            "things; merge each kind on its own"
+        )
     union = lambda field: list(dict.fromkeys(x for c in configs for x in (c.get(field) or [])))  # noqa: E731
     return {
         "model": models.pop(),
@@ -122,6 +128,7 @@ def merge_payloads(payloads: Sequence[dict[str, Any]], names: Sequence[str] | No
             "budgets": union("budgets"),
             "sizes": union("sizes") or None,
             "device": ",".join(dict.fromkeys(str(c.get("device")) for c in configs)),
+            "question_after_compression": modes.pop(),
             "shards": [
                 {"name": n, "seed": c["seed"], "samples": c["samples"]} for n, c in zip(names, configs, strict=True)
             ],
