@@ -121,15 +121,22 @@ class Cell:
         }
 
 
-def check_question_after(methods: Sequence[str]) -> None:
-    """With the question fed after compression it is a prompt chunk over the compressed cache: methods whose
-    allocator cannot compress chunk by chunk (VL-Cache's ``density``) are refused before any model loads.
+def check_question_after(tasks: Sequence[TaskSpec], methods: Sequence[str]) -> None:
+    """With the question fed after compression it is a prompt chunk over the compressed cache, split off after
+    the last image: text tasks (no image) and methods whose allocator cannot compress chunk by chunk (VL-Cache's
+    ``density``) are refused before any model loads.
 
     Raises:
-        ValueError: naming those methods.
+        ValueError: naming those tasks or methods.
     """
     from meda.kv.chunked import CHUNK_ALLOCATORS
 
+    text_tasks = [t.name for t in tasks if t.kind == "text"]
+    if text_tasks:
+        raise ValueError(
+            f"--question-after-compression splits prompts after their last image; {', '.join(text_tasks)} "
+            "have none (their answers are several tokens: run them without it)"
+        )
     refused = []
     for spec in methods:
         name, options = parse_method(spec)
@@ -151,8 +158,9 @@ def question_tokens(input_ids: torch.Tensor, vision_ids: Sequence[int]) -> int:
     Raises:
         ValueError: the prompt holds no image token (a text task, or a model without vision ids).
     """
-    is_vision = torch.isin(input_ids[0], torch.tensor(list(vision_ids), device=input_ids.device, dtype=torch.long))
-    if not vision_ids or not bool(is_vision.any()):
+    ids = torch.tensor(list(vision_ids), device=input_ids.device, dtype=torch.long)
+    is_vision = torch.isin(input_ids[0], ids)
+    if not bool(is_vision.any()):
         raise ValueError(
             "question after compression splits a prompt after its last image; this prompt has no image token "
             "(run the text tasks without --question-after-compression: their answers are several tokens, so "
@@ -200,7 +208,7 @@ def evaluate(
 
     parsed = {spec: parse_method(spec) for spec in methods}
     if question_after_compression:
-        check_question_after(methods)
+        check_question_after(tasks, methods)
     compressed = [spec for spec, (name, _) in parsed.items() if name != "full"]
     eos = eos_ids(model, processor)
     plan = [
