@@ -2,7 +2,8 @@
 
 For ``--images`` rendered images (random items and placements, seed ``--seed``), the share whose colour
 half / kind half of the projected image tokens (averaged) is nearest to the right target word embedding
-(:func:`meda.kv.vlm.train.vision_accuracy`'s rule), overall and per kind.
+(:func:`meda.kv.vlm.train.vision_accuracy`'s rule; and the colour-and-kind third of weights trained with
+``--align-conjunction``), overall and per kind.
 
     python benchmarks/vlm_vision_accuracy.py                                  # the shipped weights
     python benchmarks/vlm_vision_accuracy.py --weights runs/vlm/meda-vlm-mini # a training run's weights
@@ -11,6 +12,7 @@ half / kind half of the projected image tokens (averaged) is nearest to the righ
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -19,8 +21,10 @@ import torch
 
 from meda.kv.eval.tasks_mm import ITEMS, random_placement, render
 from meda.kv.vlm.data import ITEM_NAMES
-from meda.kv.vlm.train import image_tokens_of, item_targets, target_halves
-from meda.kv.vlm.weights import SHIPPED_DIR, assemble
+from meda.kv.vlm.train import image_tokens_of, item_targets, target_parts
+from meda.kv.vlm.weights import META_FILE, SHIPPED_DIR, assemble
+
+PART_NAMES = ("colour", "kind", "both")
 
 
 def main() -> None:
@@ -30,6 +34,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=5)
     args = p.parse_args()
     model, processor = assemble(args.weights)
+    conjunction = bool(json.loads((args.weights / META_FILE).read_text()).get("align_conjunction", False))
     rng = random.Random(args.seed)
     items = [rng.choice(ITEMS) for _ in range(args.images)]
     pixels = processor.image_processor([render(i, random_placement(rng)) for i in items], return_tensors="pt")
@@ -38,11 +43,11 @@ def main() -> None:
     classes = torch.tensor([ITEM_NAMES.index(i.describe()) for i in items])
     right = [
         torch.cdist(half.mean(1), candidates).argmin(1) == label[classes]
-        for half, candidates, label in target_halves(tokens, item_targets(model, processor.tokenizer))
+        for half, candidates, label in target_parts(tokens, item_targets(model, processor.tokenizer, conjunction))
     ]
-    colour, kind = right
-    both = (colour & kind).float().mean()
-    print(f"colour {colour.float().mean():.3f}  kind {kind.float().mean():.3f}  both {both:.3f}  ({args.weights})")
+    shares = "  ".join(f"{name} {ok.float().mean():.3f}" for name, ok in zip(PART_NAMES, right, strict=False))
+    every = torch.stack(right).all(0).float().mean()
+    print(f"{shares}  all parts {every:.3f}  ({args.weights})")
     per_kind: dict[str, list[bool]] = defaultdict(list)
     for item, ok in zip(items, right[1].tolist(), strict=True):
         per_kind[item.kind].append(ok)

@@ -391,6 +391,27 @@ def test_alignment_separates_targets_that_nearly_coincide() -> None:
     assert good < 0.05 and bad > 50 * good
 
 
+def test_conjunction_alignment_uses_three_parts_and_catches_a_wrong_kind_in_any_of_them() -> None:
+    """With a third target per class (the mean of colour and kind, ``--align-conjunction``) the tokens split
+    in thirds; tokens right on colour and kind but wrong on the conjunction third are not counted right."""
+    from meda.kv.vlm.train import align_loss, target_parts, vision_accuracy
+
+    torch.manual_seed(0)
+    colours, kinds = torch.randn(3, 16) * 4, torch.randn(4, 16) * 4
+    pairs = [torch.stack([colours[c], kinds[k]]) for c in range(3) for k in range(4)]
+    targets = torch.stack([torch.cat([p, p.mean(0, keepdim=True)]) for p in pairs])  # [12, 3, 16]
+    items = torch.arange(12)
+    right = targets[items].repeat_interleave(3, 1)  # [12, 9, 16]: 3 tokens per part
+    assert [t.shape[1] for t, _, _ in target_parts(right, targets)] == [3, 3, 3]
+    assert [t.shape[1] for t, _, _ in target_parts(torch.zeros(2, 64, 16), targets)] == [22, 21, 21]
+    assert [t.shape[1] for t, _, _ in target_parts(torch.zeros(2, 64, 16), targets[:, :2])] == [32, 32]
+    wrong_third = right.clone()
+    wrong_third[:, 6:] = targets[(items // 4) * 4 + (items + 1) % 4, 2].unsqueeze(1)  # same colour, next kind
+    assert vision_accuracy(right, items, targets) == 1.0
+    assert vision_accuracy(wrong_third, items, targets) == 0.0
+    assert align_loss(wrong_third, items, targets) > 10 * align_loss(right, items, targets)
+
+
 @needs_smollm2
 def test_assembled_checkpoint_loads_and_runs_through_the_eval_harness(processor, tmp_path: Path) -> None:
     from meda.kv.eval.harness import evaluate

