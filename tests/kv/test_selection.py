@@ -150,3 +150,66 @@ def test_cuda_matches_cpu():
     expected = select_indices(scores, keep, valid, priority=priority, **options)
     got = select_indices(scores.cuda(), keep.cuda(), valid.cuda(), priority=priority.cuda(), **options)
     assert torch.equal(got.indices.cpu(), expected.indices) and torch.equal(got.mask.cpu(), expected.mask)
+
+
+def reference_round_robin(scores, member, valid, keep):
+    """Kept positions of one head under ``spread_vision``, written as the rule reads: runs of ``member``
+    tokens are images; rounds take each image's best remaining token, images in a round by score; tokens
+    outside images (by score) precede any image token of score-share below theirs only in round 0 (there an
+    image token competes at half its scaled score)."""
+    positions = [j for j in range(len(valid)) if valid[j]]
+    vals = [float(scores[j]) for j in positions]
+    high, low = max(vals), min(min(vals), 0.0)
+    scaled = {j: min(max((float(scores[j]) - low) / (high - low), 0.0), 1.0) * 0.999 for j in positions}
+    images, run = [], []
+    for j in range(len(valid)):
+        if member[j] and valid[j]:
+            run.append(j)
+        elif run:
+            images, run = [*images, run], []
+    if run:
+        images.append(run)
+    rank = {j: r for image in images for r, j in enumerate(sorted(image, key=lambda t: (-scaled[t], t)))}
+    key = {j: (scaled[j] / 2 - rank[j]) if j in rank else scaled[j] for j in positions}
+    return sorted(sorted(positions, key=lambda j: (-key[j], j))[:keep])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_spread_over_segments_matches_the_round_robin_reference(seed):
+    from meda.kv.selection import contiguous_segments, spread_over_segments
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, n = 2, 3, 30
+    scores = torch.rand(batch, heads, n, generator=gen)
+    member = torch.rand(batch, n, generator=gen) < 0.7
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :4] = False
+    segments = contiguous_segments(member & valid)
+    ranked = spread_over_segments(scores, segments, valid)
+    for keep in (1, 5, 12, 29):
+        sel = select_indices(ranked, keep, valid)
+        for b in range(batch):
+            for h in range(heads):
+                expected = reference_round_robin(scores[b, h], member[b], valid[b], keep)
+                assert sel.indices[b, h][sel.mask[b, h]].tolist() == expected, (seed, keep, b, h)
+
+
+def test_spread_over_segments_keeps_every_image_before_a_second_token_of_any():
+    """Three images of 7-8 tokens between two text tokens, one image holding all the high scores: a keep of 8
+    takes the two text tokens and two tokens of each image (their best two), where plain top-k takes the loud
+    image's tokens."""
+    from meda.kv.selection import contiguous_segments, spread_over_segments
+
+    scores = torch.rand(1, 1, 24, generator=torch.Generator().manual_seed(0)) * 0.1
+    scores[..., 8:15] += 1.0  # the second image is loud
+    member, valid = torch.ones(1, 24, dtype=torch.bool), torch.ones(1, 24, dtype=torch.bool)
+    member[0, [7, 15]] = False  # text tokens between the images
+    plain = select_indices(scores, 8, valid).indices[0, 0].tolist()
+    assert sum(8 <= j < 15 for j in plain) == 7
+    spread = select_indices(spread_over_segments(scores, contiguous_segments(member), valid), 8, valid)
+    kept = spread.indices[0, 0].tolist()
+    assert 7 in kept and 15 in kept
+    for lo, hi in ((0, 7), (8, 15), (16, 24)):
+        inside = [j for j in kept if lo <= j < hi]
+        best_two = sorted(range(lo, hi), key=lambda j: -float(scores[0, 0, j]))[:2]
+        assert sorted(inside) == sorted(best_two), (lo, kept)
