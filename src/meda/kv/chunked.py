@@ -297,12 +297,8 @@ class ChunkedPrefill:
         for h in range(heads):
             valid = mask[:, h]
             priority = (valid & ~state.vision[:, h]) if (r.text_priority and self.source == "vision") else None
-            ranked = scores[:, h : h + 1]
-            if r.spread_vision and self.source == "vision":  # images: runs of kept vision slots between text
-                images = selection.contiguous_segments(valid & state.vision[:, h])
-                ranked = selection.spread_over_segments(ranked, images, valid)
             sel = selection.select_indices(
-                ranked,
+                scores[:, h : h + 1],
                 keep_h[:, h : h + 1],
                 valid,
                 sink_tokens=r.sink_tokens,

@@ -31,10 +31,6 @@ class Recipe:
             ``window`` (attention from the last ``window`` queries, max-pooled; SnapKV).
         head_budgets: split each layer's budget unevenly over KV heads (AdaKV).
         text_priority: prefer text tokens over vision tokens (MEDA, LOOK-M).
-        spread_vision: keep tokens of every image before more tokens of any one image: within each
-            contiguous run of vision tokens, scores become ranks (round robin over images, by score within
-            a round); for caches compressed before the question is known, when the score cannot tell
-            which image will be asked about.
         sink_tokens: first valid tokens always kept (attention sinks).
         recent_window: last valid tokens always kept; clipped to the layer budget
             (the report counts every clip).
@@ -75,7 +71,6 @@ class Recipe:
     scorer: Scorer = "window"
     head_budgets: bool = False
     text_priority: bool = False
-    spread_vision: bool = False
     sink_tokens: int = 0
     recent_window: int = 0
     merge: Merge = "none"

@@ -128,34 +128,6 @@ def select_indices(
     return Selection(indices=indices, mask=mask)
 
 
-def contiguous_segments(member: Tensor) -> Tensor:
-    """``LongTensor [B, N]``: 1, 2, ... for each contiguous run of True in ``member`` ``BoolTensor [B, N]``
-    (one image's tokens, when ``member`` marks vision tokens), 0 outside the runs."""
-    starts = member & ~torch.nn.functional.pad(member[:, :-1], (1, 0), value=False)
-    return starts.long().cumsum(dim=1) * member
-
-
-def spread_over_segments(scores: Tensor, segments: Tensor, valid: Tensor) -> Tensor:
-    """Scores ``[B, Hkv, N]`` rewritten so that a top-k keeps the best token of every segment before the
-    second best of any (round robin over images), and by score within one round.
-
-    ``segments`` ``LongTensor [B, N]`` (:func:`contiguous_segments`): tokens with the same id > 0 form one
-    segment; tokens with id 0 keep their score. Scores are first scaled to ``[0, 1)`` per head; a segment
-    token of rank ``r`` in its segment (0 = its best) then scores ``score / 2 - r``, so rank 0 competes with
-    the other tokens at half weight and every later rank below them.
-    """
-    high = scores.masked_fill(~valid[:, None], float("-inf")).amax(-1, keepdim=True).clamp_min(1e-30)
-    low = scores.masked_fill(~valid[:, None], float("inf")).amin(-1, keepdim=True).clamp_max(0)
-    scaled = ((scores.float() - low) / (high - low)).clamp(0, 1) * 0.999  # [B, Hkv, N] in [0, 1)
-    seg = segments[:, None].expand_as(scaled)
-    order = (seg * 2 - scaled).argsort(dim=-1, stable=True)  # by segment, best first within each
-    seg_sorted = seg.gather(-1, order)
-    position = torch.arange(seg.shape[-1], device=seg.device).expand_as(seg)
-    first = torch.full_like(seg, seg.shape[-1]).scatter_reduce(-1, seg_sorted, position, reduce="amin")
-    rank = torch.empty_like(seg).scatter_(-1, order, position - first.gather(-1, seg_sorted))
-    return torch.where(seg > 0, scaled / 2 - rank, scaled)
-
-
 def gather_kv(keys: Tensor, values: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
     """Gather the selected pairs: ``keys [B, Hkv, N, Dk]``, ``values [B, Hkv, N, Dv]`` ->
     ``([B, Hkv, K, Dk], [B, Hkv, K, Dv])`` in the input dtype (filler slots hold arbitrary tokens)."""

@@ -394,11 +394,8 @@ class CompressionSession:
         if r.recent_window and int(keep.min()) < r.sink_tokens + r.recent_window:
             rep.clipped["recent_window"] = rep.clipped.get("recent_window", 0) + 1
         priority = groups.text if (r.text_priority and groups.source == "vision") else None
-        ranked = scores
-        if r.spread_vision and groups.source == "vision":
-            ranked = selection.spread_over_segments(scores, selection.contiguous_segments(groups.vision), valid)
         sel = selection.select_indices(
-            ranked, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
+            scores, keep, valid, sink_tokens=r.sink_tokens, recent_window=r.recent_window, priority=priority
         )
         self._selections[idx] = sel
         dropped = (n[:, None].float() - sel.mask.sum(-1).float()).clamp(min=0)  # [B, Hkv]
