@@ -155,3 +155,13 @@ def test_kv_run_reports_bad_input_without_a_traceback() -> None:
         assert result.exit_code == 2, args
         assert words in result.output
         assert "Traceback" not in result.output
+
+
+def test_demo_needle_has_an_answer_that_reads_the_compressed_cache() -> None:
+    """The VLM demo's sample answers with two digits (two tokens), so its second token is decoded from the
+    compressed cache, not from the prefill that precedes compression."""
+    from meda.kv.demo import VLM_DEMO_IMAGES, demo_needle
+    from meda.kv.eval.tasks import get_task
+
+    sample = demo_needle(get_task("mm-needle"))
+    assert len(sample.images) == VLM_DEMO_IMAGES and len(sample.answer) == 2 and sample.answer.isdigit()
