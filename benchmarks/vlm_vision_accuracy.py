@@ -12,7 +12,6 @@ half / kind half of the projected image tokens (averaged) is nearest to the righ
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from meda.kv.eval.tasks_mm import ITEMS, random_placement, render
 from meda.kv.vlm.data import ITEM_NAMES
 from meda.kv.vlm.train import image_tokens_of, item_targets, target_parts
-from meda.kv.vlm.weights import META_FILE, SHIPPED_DIR, assemble
+from meda.kv.vlm.weights import SHIPPED_DIR, assemble, read_meta
 
 PART_NAMES = ("colour", "kind", "both")
 
@@ -34,7 +33,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=5)
     args = p.parse_args()
     model, processor = assemble(args.weights)
-    conjunction = bool(json.loads((args.weights / META_FILE).read_text()).get("align_conjunction", False))
+    conjunction = bool(read_meta(args.weights).get("align_conjunction", False))
     rng = random.Random(args.seed)
     items = [rng.choice(ITEMS) for _ in range(args.images)]
     pixels = processor.image_processor([render(i, random_placement(rng)) for i in items], return_tensors="pt")

@@ -43,6 +43,11 @@ def save_shipped(state: dict[str, dict[str, torch.Tensor]], folder: Path, meta: 
     (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def read_meta(folder: Path = SHIPPED_DIR) -> dict[str, Any]:
+    """The metadata written by :func:`save_shipped` (LoRA rank, training options, measured accuracies)."""
+    return json.loads((folder / META_FILE).read_text())
+
+
 def read_shipped(folder: Path = SHIPPED_DIR) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """The weights (float32, by part) and the metadata written by :func:`save_shipped`."""
     from safetensors.torch import load_file
@@ -57,7 +62,7 @@ def read_shipped(folder: Path = SHIPPED_DIR) -> tuple[dict[str, dict[str, torch.
         part: {k: v.float() for k, v in load_file(str(folder / name)).items()}
         for name, part in zip(WEIGHT_FILES, ("vision", "lora"), strict=True)
     }
-    return state, json.loads((folder / META_FILE).read_text())
+    return state, read_meta(folder)
 
 
 def base_language_model(source: str | Path | None = None) -> tuple[Any, Any]:
