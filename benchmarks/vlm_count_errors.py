@@ -6,6 +6,11 @@ full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size and a
     python benchmarks/vlm_count_errors.py --sizes 8,16,32,64 --samples 12 --json docs/results/vlm_count_errors_cpu.json
     python benchmarks/vlm_count_errors.py --model runs/vlm/checkpoint --device cuda     # a training run's weights
     python benchmarks/vlm_count_errors.py --sizes 16 --samples 24 --half-match 1   # every other image a hard negative
+    python benchmarks/vlm_count_errors.py --summarise docs/results/vlm_count_errors_*_run_*.json   # no model run
+
+``--summarise`` re-reads answer files written by ``--json`` and prints, per file and size, the accuracy and the
+mean signed error (answer - truth; an answer that is not a number counts as 0 there and is counted apart): a
+drift from over- to under-counting as the images grow is the sign that matches are diluted among more tokens.
 
 ``--half-match S`` draws that share of the other images among the items with the target's colour or its kind
 (not both): hard negatives. The evaluation task (0) draws them uniformly, about 17% of them such items.
@@ -36,7 +41,12 @@ def main() -> None:
     p.add_argument("--half-match", type=float, default=0.0, help="share of hard negatives among the other images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, help="write every answer here")
+    p.add_argument("--summarise", type=Path, nargs="+", metavar="JSON", help="summarise earlier --json files only")
     args = p.parse_args()
+    if args.summarise:
+        for path in args.summarise:
+            print(f"{path.name}: {summary(json.loads(path.read_text())['rows'])}")
+        return
 
     model, processor = load_model(args.model, device=args.device)
     task = resolve_tasks(["mm-count"])[0]
@@ -59,16 +69,27 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    for size in sorted({r["size"] for r in rows}):
-        of_size = [r for r in rows if r["size"] == size]
-        accuracy = sum(r["correct"] for r in of_size) / len(of_size)
-        print(f"{size} images: accuracy {accuracy:.2f} ({len(of_size)} samples)")
+    print(summary(rows))
     offsets = Counter(_offset(r) for r in rows)
     print("answer - truth:", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items(), key=lambda kv: str(kv[0]))))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": args.model, "half_match": args.half_match, "rows": rows}
         args.json.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def summary(rows: list[dict]) -> str:
+    """One line: per size, accuracy, mean signed error (answer - truth) and the samples behind them."""
+    parts = []
+    for size in sorted({r["size"] for r in rows}):
+        of_size = [r for r in rows if r["size"] == size]
+        offsets = [_offset(r) for r in of_size]
+        numeric = [o for o in offsets if isinstance(o, int)]
+        accuracy = sum(r["correct"] for r in of_size) / len(of_size)
+        bad = f", {len(offsets) - len(numeric)} not a number" if len(numeric) < len(offsets) else ""
+        mean = sum(numeric) / len(of_size)
+        parts.append(f"{size} images: accuracy {accuracy:.2f}, mean error {mean:+.2f} ({len(of_size)} samples{bad})")
+    return "; ".join(parts)
 
 
 def _offset(row: dict) -> int | str:
