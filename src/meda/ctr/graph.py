@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from meda.ctr.optim import CAPTURABLE
+from meda.cuda_graphs import capture
 
 GRAPH_MODES = ("off", "on")
 WARM_UP = 3  # eager steps of each pass before the capture (PyTorch's recipe uses 3 without DDP)
@@ -137,7 +138,7 @@ class GraphedStep:
             return loss
         self.static = {key: value.clone() for key, value in batch.items()}
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with capture(self.graph):
             self.loss = self.step(self.static)
         self.counts["captures"] += 1
         self.graph.replay()  # the capture recorded the step without running it

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from meda.cuda_graphs import capture
 from meda.kv.attention import SESSION_ATTR
 from meda.kv.cache import cache_bytes
 from meda.kv.compress import compress
@@ -355,7 +356,7 @@ def attention_micro(slots: list[int], *, batch: int = 1, kv_heads: int = 4, grou
                 fn()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with capture(graph):
                 fn()
             graph.replay()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from meda.cuda_graphs import capture
 from meda.kv.static_cache import StaticLayer, ensure_room, static_layers
 
 CACHE_KWARGS = ("cache", "past_key_values")
@@ -312,7 +313,7 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         compiled = self.compile
         try:
-            with _no_recompile(compiled), torch.cuda.graph(graph):
+            with _no_recompile(compiled), capture(graph):
                 output = self._run({**step, **inputs}, layers, on_side_stream=False, compiled=compiled)
         except Exception as err:  # a host sync, an unsupported op, or a recompile inside the step
             torch.cuda.synchronize()
