@@ -10,8 +10,6 @@ import torch
 
 from meda.cuda_graphs import capture
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def _captured_graph() -> torch.cuda.CUDAGraph:
     x = torch.ones(8, device="cuda")
@@ -60,15 +58,13 @@ def test_collector_is_off_inside_and_restored_after(monkeypatch, enabled_before:
         gc.enable()
 
 
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 def test_capture_survives_a_graph_freed_by_the_collector() -> None:
     torch.cuda.synchronize()
     assert _capture_with_garbage_graph(capture).tolist() == [1.0] * 8
 
 
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.gpu  # skipped without CUDA by tests/conftest.py
 def test_plain_torch_capture_breaks_on_the_same_garbage() -> None:
     """The failure :func:`capture` exists for: if this starts passing, torch fixed it and the guard can go."""
     with pytest.raises(RuntimeError, match="capture"):
