@@ -103,6 +103,24 @@ def test_bad_sizes_are_refused_with_the_reason() -> None:
         get_task("mm-assoc").make(0, 1000)
 
 
+def test_count_planting_puts_items_in_one_to_six_images_and_leaves_the_default_unchanged() -> None:
+    """``plant=True`` (training only): besides the target, one item in 1 image, one in 2, ... up to 6, each
+    count but the target's once (at 64 images all fit); off, the samples do not move."""
+    from collections import Counter
+
+    from meda.kv.eval.tasks_mm import make_count
+
+    for seed in range(20):
+        assert make_count(seed, 64, plant=False).meta == make_count(seed, 64).meta
+        sample = make_count(seed, 64, plant=True)
+        tally = Counter(sample.meta["items"])
+        assert tally[sample.meta["target"]] == int(sample.answer)
+        others = {c for name, c in tally.items() if name != sample.meta["target"]}
+        assert others >= {c for c in range(1, 7) if c != int(sample.answer)}  # random others may also repeat
+        small = make_count(seed, 8, plant=True)
+        assert Counter(small.meta["items"])[small.meta["target"]] == int(small.answer)
+
+
 def test_count_hard_negatives_share_one_attribute_and_leave_the_default_unchanged() -> None:
     from meda.kv.eval.tasks_mm import ITEMS, make_count
 

@@ -170,14 +170,17 @@ def test_count_batches_pass_the_hard_negative_share_to_the_task(processor, monke
     shares: list[float] = []
     make_count = data.make_count
 
-    def recording(seed, size, half_match=0.0):
-        shares.append(half_match)
-        return make_count(seed, size, half_match)
+    def recording(seed, size, half_match=0.0, plant=False):
+        shares.append((half_match, plant))
+        return make_count(seed, size, half_match, plant)
 
     monkeypatch.setattr(data, "make_count", recording)
     index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")
     data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_half_match=0.5))
-    assert shares and set(shares) == {0.5}
+    assert shares and set(shares) == {(0.5, False)}
+    shares.clear()
+    data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_balance=True))
+    assert shares and set(shares) == {(0.0, True)}
 
 
 def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
@@ -325,6 +328,7 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
     assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
+    assert start["count_balance"] is False
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
@@ -356,15 +360,43 @@ def test_count_list_follow_ups_name_every_matching_image_and_change_nothing_when
     assert listed >= 12  # the target alone is in 2-6 images in most samples
 
 
+def test_balanced_count_follow_ups_ask_each_count_once() -> None:
+    """``balance``: no two count turns (nor a turn and the sample's own question) share an answer, every answer
+    is the item's true count, and on planted 64-image samples the six counts are asked equally often (without
+    it, about 70% of the turns there answer 2)."""
+    import random
+    from collections import Counter
+
+    from meda.kv.vlm import data
+
+    answers: Counter[str] = Counter()
+    for seed in range(30):
+        sample = data.make_count(TRAIN_SEED_START + seed, 64, plant=True)
+        tally = Counter(sample.meta["items"])
+        turns = data.follow_ups("mm-count", sample, random.Random(seed), 7, balance=True)
+        values = [sample.answer] + [a for _, a in turns]
+        assert len(values) == len(set(values)) == 6
+        for question, answer in turns:
+            item = question.removeprefix("How many images show a ").split("?")[0]
+            assert tally[item] == int(answer)
+        answers.update(values)
+    assert answers == Counter({str(v): 30 for v in range(1, 7)})
+    plain = Counter(
+        a for seed in range(30)
+        for _, a in data.follow_ups("mm-count", data.make_count(TRAIN_SEED_START + seed, 64), random.Random(seed), 7)
+    )
+    assert plain["2"] > 0.5 * sum(plain.values())  # the skew the option removes
+
+
 def test_count_list_reaches_the_training_batches(processor, monkeypatch) -> None:
     from meda.kv.vlm import data
 
     seen: list[bool] = []
     follow_ups = data.follow_ups
 
-    def recording(task, sample, rng, count, count_list=False):
+    def recording(task, sample, rng, count, count_list=False, balance=False):
         seen.append(count_list)
-        return follow_ups(task, sample, rng, count, count_list)
+        return follow_ups(task, sample, rng, count, count_list, balance)
 
     monkeypatch.setattr(data, "follow_ups", recording)
     index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")

@@ -290,23 +290,53 @@ def make_needle(seed: int, size: int) -> Sample:
 COUNT_RANGE = (1, 6)
 
 
-def make_count(seed: int, size: int, half_match: float = 0.0) -> Sample:
+def _planted(rng: random.Random, target: Item, count: int, free: list[int]) -> dict[int, Item]:
+    """``{image index: item}``: distinct items other than ``target``, one in 1 image, one in 2, ... up to 6
+    (skipping ``count``, the target's), each while it fits in half of the ``free`` images (training only)."""
+    values = [v for v in range(COUNT_RANGE[0], COUNT_RANGE[1] + 1) if v != count]
+    rng.shuffle(values)
+    free = list(free)
+    rng.shuffle(free)
+    room, used, planted = len(free) // 2, {target}, {}
+    for v in values:
+        if v > room:
+            continue
+        item = rng.choice([i for i in ITEMS if i not in used])
+        used.add(item)
+        planted.update((i, item) for i in free[:v])
+        free, room = free[v:], room - v
+    return planted
+
+
+def make_count(seed: int, size: int, half_match: float = 0.0, plant: bool = False) -> Sample:
     """``size`` images; the target item appears in 1-6 of them (never more than ``size``).
 
-    ``half_match``: the share of the other images drawn among the items that have the target's colour or its
-    kind (not both); 0 (the evaluation task) draws them uniformly, about 17% of them such items. Training
-    only: hard negatives for counting (docs/vlm.md, "Where counting fails").
+    Training only, both off in the evaluation task:
+
+    * ``half_match``: the share of the other images drawn among the items that have the target's colour or its
+      kind (not both); 0 draws them uniformly, about 17% of them such items (docs/vlm.md, "Where counting
+      fails").
+    * ``plant``: other items are planted so that one appears in 1 image, one in 2, ... up to 6 (skipping the
+      target's count, while they fit in half of the other images), and the remaining images show none of them:
+      every count 1-6 can then be asked about the same images. Without it, 64 images of mostly distinct items
+      offer follow-up counts that are 70% "2" (docs/vlm.md, "Counting drifts down").
     """
     _check_size(size)
     rng = random.Random(f"mm-count/{seed}/{size}")
     target = rng.choice(ITEMS)
     count = rng.randint(COUNT_RANGE[0], min(COUNT_RANGE[1], size))
     where = set(rng.sample(range(size), count))
+    # no extra draw with both options off: the evaluation samples stay exactly as they were
+    planted = _planted(rng, target, count, [i for i in range(size) if i not in where]) if plant else {}
+    exclude = set(planted.values())
 
-    def other() -> Item:  # no extra draw at half_match=0: the evaluation samples stay exactly as they were
-        return _half_match(rng, target) if half_match > 0 and rng.random() < half_match else _other(rng, target)
+    def other() -> Item:
+        while True:
+            item = _half_match(rng, target) if half_match > 0 and rng.random() < half_match else _other(rng, target)
+            if item not in exclude:
+                return item
 
-    items = [target if i in where else other() for i in range(size)]
+    items = [target if i in where else planted[i] if i in planted else other() for i in range(size)]
     placements = [random_placement(rng) for _ in items]
     text = _labelled([""] * size, "Image") + count_question(target)
     return _sample(text, str(count), items, placements, {"target": target.describe(), "count": count})

@@ -119,14 +119,30 @@ _FOLLOW_UP_POOLS: dict[str, Callable[[Sample, random.Random], list[QA]]] = {
 }
 
 
-def follow_ups(task: str, sample: Sample, rng: random.Random, count: int, count_list: bool = False) -> list[QA]:
+def _one_per_count(pool: list[QA], taken: str) -> list[QA]:
+    """``pool`` without count questions whose answer another one (or ``taken``, the sample's own) already has."""
+    seen, kept = {taken}, []
+    for question, answer in pool:
+        if answer.isdigit():
+            if answer in seen:
+                continue
+            seen.add(answer)
+        kept.append((question, answer))
+    return kept
+
+
+def follow_ups(
+    task: str, sample: Sample, rng: random.Random, count: int, count_list: bool = False, balance: bool = False
+) -> list[QA]:
     """Up to ``count`` more ``(question, answer)`` turns on the same images, each a question the task itself
     asks, with its exact answer, other than the one ``sample`` asks (training only); with ``count_list``,
     mm-count's pool also holds :func:`_count_list_pool`'s questions.
 
     Why: one sample's answer is 2-3 tokens against 600-4,600 prompt tokens, so a step learns from very few
     targets; follow-up turns give the same forward pass several. ``mm-count`` keeps at most one follow-up
-    whose answer is 1 (most items of a sample appear once), so the answers do not lean towards 1.
+    whose answer is 1 (most items of a sample appear once), so the answers do not lean towards 1; with
+    ``balance``, at most one per count and none with the sample's own (with ``make_count(plant=True)``
+    samples: each count 1-6 once, at every size that has room for them).
     """
     if task not in _FOLLOW_UP_POOLS:
         raise ValueError(f"no follow-up questions for task {task!r}")
@@ -134,7 +150,9 @@ def follow_ups(task: str, sample: Sample, rng: random.Random, count: int, count_
     if task == "mm-count" and count_list:
         pool += _count_list_pool(sample)
     rng.shuffle(pool)
-    if task == "mm-count":
+    if task == "mm-count" and balance:
+        pool = _one_per_count(pool, sample.answer)
+    elif task == "mm-count":
         ones = [qa for qa in pool if qa[1] == "1"]
         pool = [qa for qa in pool if qa[1] != "1"] + ones[:1]
         rng.shuffle(pool)
@@ -212,6 +230,9 @@ class BatchOptions:
         large_after: the batch index from which ``large_share`` applies (a curriculum: the batches before it
             are exactly those of ``large_share=0``, the ones from it on exactly those of ``large_share``).
         count_list: mm-count's follow-ups also ask which images show an item (:func:`_count_list_pool`).
+        count_balance: mm-count samples plant items in 1-6 images and ask about each count once
+            (``make_count(plant=True)``, ``follow_ups(balance=True)``): the count targets are then about
+            uniform at every size, where otherwise 64-image samples ask 70% of their counts with answer 2.
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -221,6 +242,7 @@ class BatchOptions:
     large_share: float = 0.0
     large_after: int = 0
     count_list: bool = False
+    count_balance: bool = False
 
 
 def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
@@ -275,15 +297,17 @@ def make_batch(
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
-    if task == "mm-count" and options.count_half_match > 0:
-        make = functools.partial(make_count, half_match=options.count_half_match)
+    if task == "mm-count" and (options.count_half_match > 0 or options.count_balance):
+        make = functools.partial(make_count, half_match=options.count_half_match, plant=options.count_balance)
     tokenizer = processor.tokenizer
     rows, pixels, spans, items = [], [], [], []
     for j in range(count):
         sample_seed = TRAIN_SEED_START + salt * 4096 + j
         sample = make(sample_seed, size)
         enc = sample_inputs(processor, sample)
-        turns = follow_ups(task, sample, random.Random(sample_seed), questions - 1, options.count_list)
+        turns = follow_ups(
+            task, sample, random.Random(sample_seed), questions - 1, options.count_list, options.count_balance
+        )
         row, row_spans = conversation(tokenizer, enc["input_ids"][0].tolist(), sample.answer, turns)
         rows.append(row)
         spans.append(row_spans)
