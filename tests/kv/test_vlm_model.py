@@ -363,7 +363,7 @@ def test_count_list_follow_ups_name_every_matching_image_and_change_nothing_when
 def test_balanced_count_follow_ups_ask_each_count_once() -> None:
     """``balance``: no two count turns (nor a turn and the sample's own question) share an answer, every answer
     is the item's true count, and on planted 64-image samples the six counts are asked equally often (without
-    it, about 70% of the turns there answer 2)."""
+    it, about 65% of the turns there answer 2)."""
     import random
     from collections import Counter
 

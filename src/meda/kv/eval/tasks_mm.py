@@ -319,7 +319,7 @@ def make_count(seed: int, size: int, half_match: float = 0.0, plant: bool = Fals
     * ``plant``: other items are planted so that one appears in 1 image, one in 2, ... up to 6 (skipping the
       target's count, while they fit in half of the other images), and the remaining images show none of them:
       every count 1-6 can then be asked about the same images. Without it, 64 images of mostly distinct items
-      offer follow-up counts that are 70% "2" (docs/vlm.md, "Counting drifts down").
+      offer follow-up counts that are 65% "2" (docs/vlm.md, "Counting drifts down").
     """
     _check_size(size)
     rng = random.Random(f"mm-count/{seed}/{size}")

@@ -232,7 +232,7 @@ class BatchOptions:
         count_list: mm-count's follow-ups also ask which images show an item (:func:`_count_list_pool`).
         count_balance: mm-count samples plant items in 1-6 images and ask about each count once
             (``make_count(plant=True)``, ``follow_ups(balance=True)``): the count targets are then about
-            uniform at every size, where otherwise 64-image samples ask 70% of their counts with answer 2.
+            uniform at every size, where otherwise 64-image samples ask 65% of their counts with answer 2.
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
