@@ -1,0 +1,55 @@
+"""benchmarks/vlm_count_attention.py and benchmarks/vlm_count_targets.py on the CPU: the attention probe
+against eager attention's own weights, the image masses, and the count targets with and without balance."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recorded_last_row_equals_eager_attention_weights_and_leaves_the_output_alone() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    probe = _benchmark("vlm_count_attention")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 11))
+    with torch.no_grad():
+        eager = model(ids, output_attentions=True)
+        recorder = probe.install(model, [layer.self_attn for layer in model.model.layers])
+        probed = model(ids)
+    assert sorted(recorder.rows) == [0, 1]
+    for layer, weights in enumerate(eager.attentions):
+        torch.testing.assert_close(recorder.rows[layer], weights[0, :, -1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probed.logits, eager.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_image_masses_split_matching_and_other_images() -> None:
+    probe = _benchmark("vlm_count_attention")
+    row = torch.zeros(2, 10)
+    row[0, 2:4] = 0.25  # image 0 (positions 2-3)
+    row[0, 6:8] = 0.125  # image 2 (positions 6-7)
+    row[1, 4:6] = 0.5  # image 1
+    hit, miss = probe.image_masses(row, torch.tensor([2, 3, 4, 5, 6, 7]), [True, False, True])
+    assert hit == [0.75, 0.0] and miss == [0.0, 1.0]
+
+
+def test_count_targets_lean_on_two_at_64_images_unless_balanced() -> None:
+    targets = _benchmark("vlm_count_targets")
+    plain = targets.count_answers(64, 40, 8, 0.25, balance=False)
+    balanced = targets.count_answers(64, 40, 8, 0.25, balance=True)
+    assert plain["2"] > 0.5 * sum(plain.values())
+    assert set(balanced.values()) == {40} and sorted(balanced) == targets.VALUES
