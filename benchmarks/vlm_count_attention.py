@@ -108,15 +108,20 @@ def report(records: list[dict], heads: int) -> None:
         top = sorted(select, key=select.get, reverse=True)[:heads]
         print(f"\n{model_name}: matching heads (layer.head, selectivity at {sizes[0]} images): "
               + ", ".join(f"{layer}.{h} ({select[(layer, h)]:.0f}x)" for layer, h in top))
-        print("| images | mass per matching image | mass on all matching images | mass on the other images |")
-        print("|---|---|---|---|")
+        print("| images | mass per matching image | mass on all matching images | mass on the other images "
+              "| correlation of the count with the mass on matching images |")
+        print("|---|---|---|---|---|")
         for size in sizes:
             rows = [r for r in mine if r["size"] == size]
             picks = [(r, h) for r in rows for (layer, h) in top if r["layer"] == layer]
             per = sum(r["matching"][h] / r["count"] for r, h in picks) / len(picks)
             total = sum(r["matching"][h] for r, h in picks) / len(picks)
             other = sum(r["other"][h] for r, h in picks) / len(picks)
-            print(f"| {size} | {per:.3f} | {total:.3f} | {other:.3f} |")
+            by_sample: dict[int, list[float]] = {}
+            for r, h in picks:
+                by_sample.setdefault(r["seed"], [r["count"], 0.0])[1] += r["matching"][h] / len(top)
+            pairs = torch.tensor(list(by_sample.values())).T  # [2, samples]: count, mean mass on matching images
+            print(f"| {size} | {per:.3f} | {total:.3f} | {other:.3f} | {float(torch.corrcoef(pairs)[0, 1]):+.2f} |")
 
 
 def main() -> None:
@@ -137,6 +142,8 @@ def main() -> None:
         records += measure(name, [int(s) for s in args.sizes.split(",")], args.samples)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        for r in records:  # five decimals: the masses that matter are above 1e-4
+            r["matching"], r["other"] = [round(x, 5) for x in r["matching"]], [round(x, 5) for x in r["other"]]
         args.json.write_text(json.dumps(records) + "\n")
     report(records, args.heads)
 
