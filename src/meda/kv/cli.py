@@ -13,11 +13,14 @@ app = typer.Typer(
     help=(
         "Run a transformers LLM or VLM with a compressed KV cache (MEDA, StreamingLLM, H2O, SnapKV, "
         "PyramidKV, LOOK-M, AdaKV, VL-Cache) and report kept tokens per layer and real cache bytes.\n\n"
-        "Start with: meda kv run --model smollm2-135m --method meda --budget 0.2 --prompt '...'"
+        "Start with: meda kv run --model smollm2-135m --method meda --budget 0.2 --prompt @notes.txt "
+        "(a prompt of at least 32 tokens, the observation window; @file reads a file)"
     ),
 )
 
 METHOD_HELP = " | ".join(METHODS)  # every recipe name, from the one table
+# what bad input raises, printed as one line and exit code 2 (ModuleNotFoundError: a built-in model's package)
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, OSError, ModuleNotFoundError)
 
 
 def parse_budget_text(text: str) -> float | int:
@@ -62,7 +65,8 @@ def run(
     ),
     method: str = typer.Option("meda", help=METHOD_HELP),
     budget: str = typer.Option(
-        "0.2", help="Kept share of the prompt's KV cache: a fraction in (0, 1] such as 0.2, or an int (tokens/layer)."
+        "0.2", help="Kept share of the prompt's KV cache: a fraction in (0, 1] such as 0.2 (1.0 = the full cache), "
+        "or an int >= 2 (tokens/layer)."
     ),
     image: list[Path] = typer.Option([], "--image", help="Image file(s) for a vision-language model; repeatable."),
     max_new_tokens: int = typer.Option(32, min=1, help="Tokens to generate (greedy)."),
@@ -107,7 +111,7 @@ def run(
             device=device,
             decode=decode,
         )
-    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+    except USER_ERRORS as err:
         from meda.report import console
 
         console.print(f"[red]error:[/red] {err}")
@@ -283,7 +287,7 @@ def eval_(
             out=out,
             question_after_compression=question_after,
         )
-    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+    except USER_ERRORS as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from err
     _show_eval(payload, out, as_json)

@@ -32,7 +32,7 @@ def compress(
             ``attn_implementation`` "sdpa" or "eager".
         method: one of ``full, streamingllm, h2o, snapkv, pyramidkv, lookm, adakv, meda``.
         budget: a float in (0, 1], the mean kept fraction of the prefill over layers,
-            or an int, the mean kept tokens per layer.
+            or an int >= 2, the mean kept tokens per layer.
         groups: optional bool ``[batch, tokens]`` marking the second token group of the
             entropy (vision or context) when the model's ids cannot tell.
         question_tokens: for text-only prompts, how many final tokens form the

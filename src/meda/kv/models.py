@@ -198,7 +198,8 @@ def _resolve(name_or_path: str) -> tuple[str, dict[str, Any]]:
     if _looks_like_path(name_or_path):
         raise FileNotFoundError(
             f"no such model folder: {path}. Pass a checkpoint folder (config.json + weights), a .gguf file, "
-            f"a hub id like 'owner/name' that is in the local Hugging Face cache, or one of {sorted(BUILTIN_GGUF)}"
+            "a hub id like 'owner/name' that is in the local Hugging Face cache, or one of "
+            f"{sorted([*BUILTIN_GGUF, VLM_ALIAS])}"
         )
     return _cached_hub_id(name_or_path), {"local_files_only": True}
 

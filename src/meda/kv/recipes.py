@@ -8,6 +8,8 @@ A method is therefore a row in a table, not a code path of its own.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,9 +157,30 @@ def resolve_recipe(method: str, **overrides: object) -> Recipe | None:
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(names)}")
+    for name, value in overrides.items():
+        _check_type(name, value)
     recipe = dataclasses.replace(base, **overrides)
     _validate(recipe)
     return recipe
+
+
+def _check_type(name: str, value: object) -> None:
+    """A clear error for an option of the wrong kind (``tau="abc"``, ``window=2.5``, ``merge_keys=3``); which
+    choice a ``Literal`` option takes is :func:`_validate`'s job."""
+    hint = typing.get_type_hints(Recipe)[name]
+    kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (types.UnionType, typing.Union) else {hint}
+    if any(typing.get_origin(k) is Literal for k in kinds):
+        return
+    ok = (
+        (value is None and type(None) in kinds)
+        or (isinstance(value, bool) and bool in kinds)
+        or (not isinstance(value, bool) and isinstance(value, int) and (int in kinds or float in kinds))
+        or (isinstance(value, float) and float in kinds)
+    )
+    if not ok:
+        words = {float: "a number", int: "an integer", bool: "true or false", type(None): "none"}
+        wanted = " or ".join(sorted(words.get(k, str(k)) for k in kinds))
+        raise ValueError(f"option {name} must be {wanted}, got {value!r}")
 
 
 def _validate(r: Recipe) -> None:

@@ -41,17 +41,21 @@ def decoder_attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Modu
 
 
 def parse_budget(budget: float | int) -> float | int:
-    """Validate ``budget``: a float in (0, 1] (kept fraction) or an int >= 1 (kept tokens per layer)."""
+    """Validate ``budget``: a float in (0, 1] (kept fraction) or an int >= 2 (kept tokens per layer; 1 is refused
+    because it is nearly always meant as 1.0)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
+        raise TypeError(f"budget must be a float in (0, 1] or an int >= 2, got {budget!r}")
     if isinstance(budget, float):
         if math.isnan(budget) or not 0.0 < budget <= 1.0:
             raise ValueError(
                 f"budget={budget} is not a kept fraction in (0, 1]; pass e.g. 0.2 for 20% of the prefill, "
                 "or an int for kept tokens per layer"
             )
-    elif budget < 1:
-        raise ValueError(f"budget={budget} tokens per layer must be >= 1")
+    elif budget < 2:
+        raise ValueError(
+            f"budget={budget} (an int) would keep {max(budget, 0)} token(s) per layer: for a kept fraction pass a "
+            "float such as 0.2, or 1.0 for the full cache; for a token count pass 2 or more"
+        )
     return budget
 
 
