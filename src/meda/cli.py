@@ -50,9 +50,10 @@ def demo(
 
     kv: SmolLM2-135M-Instruct answers a question over an 856-token context with the full
     cache, SnapKV, the paper's MEDA (meda-paper) and the recommended MEDA (meda) at 20% of the
-    cache; prints answers, per-layer budgets and KV bytes (about 20 s on 2 free CPU cores); then
-    the same on the reference VLM meda-vlm-mini if it loads. ctr: 400k synthetic impressions trained one-epoch
-    vs multi-epoch vs MEDA for 4 epochs; prints test AUC per epoch (about 20 s).
+    cache; prints answers, per-layer budgets and KV bytes; then the same on the reference VLM
+    meda-vlm-mini if it loads (both together about 35 s on 2 free CPU cores, plus about a minute once
+    to assemble meda-vlm-mini). ctr: 400k synthetic impressions trained one-epoch vs multi-epoch vs
+    MEDA for 4 epochs; prints test AUC per epoch (about 15 s).
     """
     if engine not in {"all", "kv", "ctr"}:
         raise typer.BadParameter(f"unknown engine {engine!r}; use all, kv or ctr")

@@ -71,6 +71,7 @@ def test_json_output_is_machine_readable(data_file: Path, tmp_path: Path) -> Non
         (("--model", "gbdt"), "unknown model 'gbdt'"),
         (("--model-option", "depth"), "is not KEY=VALUE"),
         (("--model", "dcn", "--model-option", "depth=3"), "has no option"),
+        (("--format", "tsv"), "Invalid value for --format: unknown format 'tsv'"),
     ],
 )
 def test_bad_options_are_rejected_with_the_choices(data_file: Path, tmp_path: Path, extra, message) -> None:

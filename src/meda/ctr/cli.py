@@ -222,11 +222,14 @@ def train(
     from meda.ctr.checkpoint import ResumeError
     from meda.ctr.data import load_dataset
     from meda.ctr.experiment import parse_modes, run_modes
+    from meda.ctr.readers import FORMATS
     from meda.ctr.schedule import apply_schedule
     from meda.ctr.shards import is_sharded
     from meda.ctr.train import TrainConfig
     from meda.report import console
 
+    if format not in FORMATS:  # before any data is read, and named as the option it is
+        raise typer.BadParameter(f"unknown format {format!r}; use one of {', '.join(FORMATS)}", param_hint="--format")
     try:
         modes = parse_modes(mode)
         units = tuple(int(u) for u in hidden_units.split(",") if u.strip())

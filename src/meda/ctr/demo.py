@@ -2,7 +2,7 @@
 
 Generates the ``zipf`` preset (Zipf-distributed ID fields, a latent-factor click model),
 trains the same DNN three ways with the same seed and prints the test AUC per epoch.
-Sized to take about two minutes on two CPU cores.
+Sized to take about 15 s on two free CPU cores (14 s measured on 2026-12-07).
 """
 
 from __future__ import annotations
