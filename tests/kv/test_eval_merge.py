@@ -107,3 +107,19 @@ def test_means_are_weighted_by_samples_and_positions() -> None:
     assert merged["samples"] == 4 and merged["accuracy"] == 0.25 and merged["accuracy_by_size"] == {"8": 0.25}
     assert merged["fidelity"] == {"token_agreement": 0.25, "kl": 0.025, "greedy_prefix": 0.25, "positions": 40}
     assert math.isclose(merged["kept_fraction"], (0.1 + 3 * 0.3) / 4) and merged["seconds"] == 2.0
+
+
+def test_table_marks_cells_that_hold_fewer_samples() -> None:
+    """Shards that did not all run a method merge into cells of different sizes: the table says so per cell."""
+    from meda.kv.eval.output import markdown_table
+
+    def cell(method: str, budget: float, samples: int) -> dict:
+        fidelity = {"token_agreement": 1.0, "kl": 0.0}
+        return {"task": "toy", "method": method, "budget": budget, "accuracy": 0.5, "samples": samples,
+                "fidelity": fidelity}
+
+    mixed = markdown_table({"model": "m", "runs": [cell("full", 1.0, 3), cell("snapkv", 0.2, 3), cell("meda", 0.2, 2)]})
+    assert "3 samples per cell; cells marked n=k hold only k" in mixed
+    assert "| meda | 0.500 (1.00 / 0.00) n=2 |" in mixed and "| snapkv | 0.500 (1.00 / 0.00) |" in mixed
+    even = markdown_table({"model": "m", "runs": [cell("full", 1.0, 3), cell("meda", 0.2, 3)]})
+    assert "n=" not in even and "(3 samples per cell;" in even

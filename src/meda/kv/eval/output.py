@@ -11,6 +11,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _fewer(run: dict[str, Any], samples: int) -> str:
+    """`` n=k`` after a cell that holds fewer samples than the task's most (merged shards that did not all run it)."""
+    return f" n={run['samples']}" if run["samples"] < samples else ""
+
+
 def markdown_table(payload: dict[str, Any]) -> str:
     """One markdown table per task: a row per method, a column per budget, each cell
     ``accuracy (token agreement / KL)``; the full cache is the reference row."""
@@ -23,15 +28,21 @@ def markdown_table(payload: dict[str, Any]) -> str:
     for task, runs in by_task.items():
         budgets = sorted({r["budget"] for r in runs if r["method"] != "full"})
         samples = max(r["samples"] for r in runs)
+        count = f"{samples} samples per cell" + (
+            "; cells marked n=k hold only k (merged shards that did not all run them)"
+            if any(r["samples"] < samples for r in runs)
+            else ""
+        )
         lines += [
-            f"## {task} ({samples} samples per cell; accuracy, then token agreement / mean KL to the full cache)",
+            f"## {task} ({count}; accuracy, then token agreement / mean KL to the full cache)",
             "",
             "| method | " + " | ".join(str(b) for b in budgets) + " |",
             "|---|" + "---|" * len(budgets),
         ]
         full = [r for r in runs if r["method"] == "full"]
         if full:
-            lines.append(f"| full (budget 1.0) | {_fmt(full[0]['accuracy'])} |" + " |" * (len(budgets) - 1))
+            cell = f"{_fmt(full[0]['accuracy'])}{_fewer(full[0], samples)}"
+            lines.append(f"| full (budget 1.0) | {cell} |" + " |" * (len(budgets) - 1))
         methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "full"))
         for method in methods:
             cells = {r["budget"]: r for r in runs if r["method"] == method}
@@ -41,7 +52,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
                 fid = r["fidelity"] if r else {}
                 shown.append(
                     "-" if r is None else f"{_fmt(r['accuracy'])} ({_fmt(fid.get('token_agreement'), 2)} / "
-                    f"{_fmt(fid.get('kl'), 2)})"
+                    f"{_fmt(fid.get('kl'), 2)}){_fewer(r, samples)}"
                 )
             lines.append(f"| {method} | " + " | ".join(shown) + " |")
         lines.append("")
