@@ -92,6 +92,24 @@ def test_budget_one_is_the_reference() -> None:
     assert run["token_agreement"] == 1.0 and run["greedy_prefix"] == 1.0 and abs(run["kl"]) < 1e-5
 
 
+def test_the_harness_passes_the_cache_under_the_name_the_model_takes() -> None:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40): the
+    harness uses whichever ``forward`` declares, so a full run emits no deprecation warning about it."""
+    import inspect
+    import warnings
+
+    from meda.kv.support import cache_keyword
+
+    t = tiny()
+    assert cache_keyword(t.model) in inspect.signature(t.model.forward).parameters
+    inputs = sample_inputs(CharTokenizer(), toy_task().make(4, 240))
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        ref = reference_run(t.model, inputs, 4, set())
+        compressed_run(t.model, inputs, ref, "snapkv", 0.5, 4, set(), query_tokens=20)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_question_after_compression_is_exact_at_budget_one_and_compares_the_first_token() -> None:
     t = tiny()
     inputs = sample_inputs(CharTokenizer(), toy_task().make(3, 240))

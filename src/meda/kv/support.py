@@ -162,3 +162,15 @@ def attention_softcap(module: torch.nn.Module) -> float | None:
     if cap is None:
         cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
     return float(cap) if cap else None
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers 5.2x, which deprecates
+    ``past_key_values`` for removal in 5.40) or ``past_key_values`` (5.17 and the other earlier 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under either name (see :func:`cache_keyword`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from meda.kv.compress import compress
+from meda.kv.support import cache_keyword, returned_cache
 
 
 @dataclass
@@ -69,7 +70,7 @@ class CacheSnapshot:
 
 def _step(model: torch.nn.Module, tokens: Tensor, cache: Any) -> Tensor:
     """Feed ``tokens [1, q]`` on top of ``cache``; returns float32 log-probs ``[q, vocab]``."""
-    out = model(input_ids=tokens, past_key_values=cache, use_cache=True)
+    out = model(input_ids=tokens, use_cache=True, **{cache_keyword(model): cache})
     return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
@@ -83,13 +84,13 @@ def _prefill(model: torch.nn.Module, inputs: dict[str, Tensor], query_tokens: in
     one left (compressed by then, inside a ``compress`` block)."""
     if not query_tokens:
         out = model(**inputs, use_cache=True)
-        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), out.past_key_values
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), returned_cache(out)
     ids = inputs["input_ids"]
     if not 0 < query_tokens < ids.shape[1]:
         raise ValueError(f"query_tokens={query_tokens} must leave a prompt to compress ({ids.shape[1]} tokens)")
     cut = ids.shape[1] - query_tokens
     head = {k: (v[:, :cut] if k in PER_TOKEN_INPUTS else v) for k, v in inputs.items()}
-    cache = model(**head, use_cache=True).past_key_values
+    cache = returned_cache(model(**head, use_cache=True))
     return _step(model, ids[:, cut:], cache)[-1], cache
 
 
