@@ -32,3 +32,13 @@ def test_demo_rejects_unknown_engine() -> None:
     result = runner.invoke(app, ["demo", "--engine", "both"])
     assert result.exit_code != 0
     assert "unknown engine" in result.output
+
+
+def test_the_cli_imports_neither_torch_nor_transformers_until_a_command_runs() -> None:
+    """`meda --help` and every group's --help stay quick (about 0.2 s, where torch and transformers take 3-5 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys, meda.cli, meda.kv; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

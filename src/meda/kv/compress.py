@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
-
-from meda.kv import attention
 from meda.kv.recipes import resolve_recipe
 from meda.kv.report import CompressionReport
-from meda.kv.session import CompressionSession
+
+if TYPE_CHECKING:  # torch and transformers load when compress() first runs, so `meda --help` stays quick
+    import torch
 
 
 @contextmanager
@@ -62,6 +62,9 @@ def compress(
         >>> report.kv_bytes_after / report.kv_bytes_before
     """
     recipe = resolve_recipe(method, **options)
+    from meda.kv import attention
+    from meda.kv.session import CompressionSession
+
     attention.register()
     session = CompressionSession(
         model,
