@@ -16,8 +16,8 @@ import torch
 from transformers import DynamicCache
 
 from meda.kv import compress
-from meda.kv.compress import CompressionSession
 from meda.kv.recipes import resolve_recipe
+from meda.kv.session import CompressionSession
 from meda.kv.tiny import build_tiny
 
 NEW = 5

@@ -186,6 +186,10 @@ def train(
     """Train a CTR model and write OUT/metrics.json (valid/test AUC and logloss per epoch).
 
     \b
+    Example (synthetic data from `meda ctr generate`, or your own Criteo TSV / CSV / Parquet):
+      meda ctr train --data day_0.txt --format criteo --model deepfm --mode meda --epochs 3 --out runs/criteo
+
+    \b
     Modes:
       one-epoch       one pass over the data: the usual industrial baseline.
       multi-epoch     plain passes; with sparse high-cardinality ids and Adam 1e-3 the

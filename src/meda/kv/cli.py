@@ -87,6 +87,12 @@ def run(
 
     Prints the answer, kept tokens per layer as a bar chart, and the real bytes of the KV
     cache before and after compression. budget=1.0 keeps everything (same output as full).
+
+    \b
+    Examples:
+      meda kv run --model smollm2-135m --method meda --budget 0.2 --prompt @notes.txt
+      meda kv run --model meda-vlm-mini --image red.png --prompt "What does the image show?" --budget 1.0
+      meda kv run --model /path/to/model --method snapkv --budget 256 -o window=16 --prompt @doc.txt --json
     """
     from meda.kv.recipes import resolve_recipe
     from meda.kv.run import run_once
