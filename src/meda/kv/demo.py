@@ -116,10 +116,13 @@ def _print_vlm_status() -> None:
 
 
 def run_demo(budget: float = 0.2, paragraphs: int = 8) -> None:
+    from transformers.utils import logging as hf_logging
+
     from meda.kv.models import load_model
     from meda.kv.prompting import build_inputs
     from meda.kv.run import pick_device
 
+    hf_logging.disable_progress_bar()  # the demo prints its own tables; weight-loading bars only clutter them
     device = pick_device("auto")
     console.rule("[bold]meda.kv demo[/bold]: SmolLM2-135M-Instruct, long context, compressed KV cache")
     model, tok = load_model("smollm2-135m", device=device)
