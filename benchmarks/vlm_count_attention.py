@@ -136,7 +136,6 @@ def main() -> None:
     if args.report:
         report(json.loads(args.json.read_text()), args.heads)
         return
-    torch.set_grad_enabled(False)
     records = []
     for name in args.models.split(","):
         records += measure(name, [int(s) for s in args.sizes.split(",")], args.samples)

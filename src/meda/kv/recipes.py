@@ -8,6 +8,7 @@ A method is therefore a row in a table, not a code path of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -164,10 +165,15 @@ def resolve_recipe(method: str, **overrides: object) -> Recipe | None:
     return recipe
 
 
+@functools.cache
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(Recipe)
+
+
 def _check_type(name: str, value: object) -> None:
     """A clear error for an option of the wrong kind (``tau="abc"``, ``window=2.5``, ``merge_keys=3``); which
     choice a ``Literal`` option takes is :func:`_validate`'s job."""
-    hint = typing.get_type_hints(Recipe)[name]
+    hint = _field_types()[name]
     kinds = set(typing.get_args(hint)) if typing.get_origin(hint) in (types.UnionType, typing.Union) else {hint}
     if any(typing.get_origin(k) is Literal for k in kinds):
         return

@@ -27,7 +27,13 @@ from meda.kv.groups import TokenGroups, token_groups, vision_token_ids
 from meda.kv.recipes import Recipe
 from meda.kv.report import CompressionReport
 from meda.kv.static_cache import StaticLayer
-from meda.kv.support import attention_softcap, decoder_layers, decoder_sub_blocks, rotary_functions
+from meda.kv.support import (
+    attention_softcap,
+    decoder_layers,
+    decoder_sub_blocks,
+    returned_cache,
+    rotary_functions,
+)
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 DECODE_MODES = ("dynamic", "static", "compiled")  # "compiled": static, norms, MLPs, rotary compiled
@@ -201,7 +207,7 @@ class CompressionSession:
             return output
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None:
-            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+            cache = returned_cache(output)
         if self._continued is not None:
             self._after_continued(cache)
             self._reset_forward()

@@ -14,6 +14,7 @@ cache and are left as they are. A model with no full-attention layer has nothing
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -167,10 +168,15 @@ def attention_softcap(module: torch.nn.Module) -> float | None:
 def cache_keyword(model: torch.nn.Module) -> str:
     """The name under which ``model.forward`` takes a KV cache: ``cache`` (transformers 5.2x, which deprecates
     ``past_key_values`` for removal in 5.40) or ``past_key_values`` (5.17 and the other earlier 5.x)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_keyword_of(type(model))
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:  # once per model class: callers ask at every decode step
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def returned_cache(output: Any) -> Any:
-    """The KV cache a forward returned, under either name (see :func:`cache_keyword`)."""
+    """The KV cache a forward returned, under either name (see :func:`cache_keyword`); None if it returned none."""
     cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
+    return cache if cache is not None else getattr(output, "past_key_values", None)
