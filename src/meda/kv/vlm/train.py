@@ -132,6 +132,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--workers", type=int, default=None, help="data workers (default: CPUs - 2, 0 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the language model's decoder layers (the compile time counts against --minutes; "
+        "benchmarks/vlm_train_speed.py measures the gain)",
+    )
     p.add_argument("--save-every", type=float, default=60.0, help="seconds between checkpoints")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint folder (default OUT/ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt if it holds a checkpoint")
@@ -191,7 +197,7 @@ def loss_of(model: Any, batch: Batch, device: torch.device, autocast: bool) -> t
     pixels = batch.pixel_values.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden, image_tokens = _projected(
-            model, lambda: model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+            model, lambda: model.model(input_ids=ids, pixel_values=pixels, use_cache=False).last_hidden_state
         )
         picked = hidden.flatten(0, 1)[batch.positions.to(device, non_blocking=True)]
         logits = model.lm_head(picked).float()
@@ -295,6 +301,54 @@ def vision_accuracy(image_tokens: torch.Tensor, items: torch.Tensor, targets: to
     return right.float().mean()
 
 
+def trainable_model(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any, Any, list, list]:
+    """The model as training runs it: the language model frozen (bf16 on CUDA) with LoRA added, on
+    ``device``; with ``args.compile`` its decoder layers compiled. Returns ``(model, tokenizer, processor,
+    vision and projector parameters, LoRA parameters)``, the last two set to train."""
+    lm, tokenizer = base_model(args)
+    processor = build_processor(tokenizer)
+    model = build_model(lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), seed=args.seed)
+    del lm
+    model.requires_grad_(False)
+    if device.type == "cuda":
+        model.model.language_model.to(torch.bfloat16)
+    add_lora(model, LORA_RANK, LORA_ALPHA)
+    model.to(device)
+    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    lora = [p for n, p in model.model.language_model.named_parameters() if ".lora_" in n]
+    for p in vision + lora:
+        p.requires_grad_(True)
+    if args.compile:
+        # Layer by layer: the 30 layers share one graph, and the Llava wrapper around them (image merge, mask
+        # set-up) stays eager. Dynamic shapes: batches differ in samples and length.
+        for layer in model.model.language_model.layers:
+            layer.compile(dynamic=True)
+    return model, tokenizer, processor, vision, lora
+
+
+def batch_losses(
+    model: Any,
+    batch: Batch,
+    items: torch.Tensor,
+    targets: torch.Tensor,
+    text_norm: float,
+    args: argparse.Namespace,
+    vision_only: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One batch's ``(total loss to minimise, answer loss or None, alignment loss, image tokens)``: the answer
+    cross-entropy (not in the vision-only steps) plus ``--align-weight`` times the alignment and
+    ``--norm-weight`` times the norm penalty of the projected image tokens ``[images, tokens, hidden]``;
+    ``items`` ``[images]`` the item each image shows, ``targets`` :func:`item_targets`."""
+    autocast = items.device.type == "cuda"
+    if vision_only:
+        loss, image_tokens = None, image_tokens_of(model, batch.pixel_values, items.device, autocast)
+    else:
+        loss, image_tokens = loss_of(model, batch, items.device, autocast)
+    align = align_loss(image_tokens, items, targets, args.align_temperature)
+    total = args.norm_weight * norm_penalty(image_tokens, text_norm) + args.align_weight * align
+    return (total if loss is None else loss + total), loss, align, image_tokens
+
+
 class TaskMeans:
     """Per-task running means of a loss between two log lines (added on the device, read once per log line)."""
 
@@ -336,19 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     t_load = time.perf_counter()
-    lm, tokenizer = base_model(args)
-    processor = build_processor(tokenizer)
-    model = build_model(lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), seed=args.seed)
-    del lm
-    model.requires_grad_(False)
-    if cuda:
-        model.model.language_model.to(torch.bfloat16)
-    add_lora(model, LORA_RANK, LORA_ALPHA)
-    model.to(device)
-    vision = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-    lora = [p for n, p in model.model.language_model.named_parameters() if ".lora_" in n]
-    for p in vision + lora:
-        p.requires_grad_(True)
+    model, tokenizer, processor, vision, lora = trainable_model(args, device)
     optimizer = torch.optim.AdamW(
         [{"params": vision, "lr": args.lr}, {"params": lora, "lr": args.lora_lr}],
         weight_decay=0.0,
@@ -436,13 +478,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for group, base_lr in zip(optimizer.param_groups, (args.lr, args.lora_lr), strict=True):
             group["lr"] = base_lr * factor
         items = batch.items.to(device, non_blocking=True)
-        if step < args.vision_steps:
-            task, loss, image_tokens = "vision", None, image_tokens_of(model, batch.pixel_values, device, cuda)
-        else:
-            task, (loss, image_tokens) = batch.task, loss_of(model, batch, device, cuda)
-        align = align_loss(image_tokens, items, targets, args.align_temperature)
-        extra = args.norm_weight * norm_penalty(image_tokens, text_norm) + args.align_weight * align
-        (extra if loss is None else loss + extra).backward()
+        vision_only = step < args.vision_steps
+        task = "vision" if vision_only else batch.task
+        total, loss, align, image_tokens = batch_losses(model, batch, items, targets, text_norm, args, vision_only)
+        total.backward()
         torch.nn.utils.clip_grad_norm_(vision + lora, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -508,7 +547,11 @@ def final_accuracy(model: Any, processor: Any, args: argparse.Namespace, out: Pa
     from meda.kv.eval.tasks import all_tasks
 
     model.eval()
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+    # compiled layers (--compile) run eagerly here: decoding with a growing cache would recompile at every shape
+    with (
+        torch.compiler.set_stance("force_eager"),
+        torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"),
+    ):
         payload = evaluate(
             model,
             processor,
