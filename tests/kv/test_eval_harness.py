@@ -223,3 +223,19 @@ def test_method_specs_and_inputs_are_checked() -> None:
         sample_inputs(CharTokenizer(), Sample(text="<image> what?", answer="x", images=[object()]))
     with pytest.raises(ValueError, match="placeholders"):
         sample_inputs(CharTokenizer(), Sample(text="<image><image>", answer="x", images=[object()]))
+
+
+def test_table_adds_accuracy_by_size_when_a_task_ran_at_several_sizes() -> None:
+    """The main cells average over sizes (1.0 at 16 images and 0.25 at 64 reads 0.625): a second table shows
+    each size; with one size there is none."""
+    def run(method: str, budget: float, by_size: dict[str, float]) -> dict:
+        return {"task": "mm-needle", "method": method, "budget": budget, "samples": 8, "fidelity": {},
+                "accuracy": sum(by_size.values()) / len(by_size), "accuracy_by_size": by_size}
+
+    two = markdown_table({"model": "m", "runs": [run("full", 1.0, {"16": 1.0, "64": 0.25}),
+                                                 run("meda", 0.2, {"16": 0.75, "64": 0.0})]})
+    assert "| method | budget | 16 | 64 |" in two
+    assert "| full | 1.0 | 1.000 | 0.250 |" in two and "| meda | 0.2 | 0.750 | 0.000 |" in two
+    one = markdown_table({"model": "m", "runs": [run("full", 1.0, {"64": 0.25})]})
+    assert "By size" not in one
+    assert "| method | 1.0 |\n|---|---|\n| full (budget 1.0) | 0.250 |" in one  # full cache only: a well-formed table

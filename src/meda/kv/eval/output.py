@@ -36,8 +36,8 @@ def markdown_table(payload: dict[str, Any]) -> str:
         lines += [
             f"## {task} ({count}; accuracy, then token agreement / mean KL to the full cache)",
             "",
-            "| method | " + " | ".join(str(b) for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
+            "| method | " + (" | ".join(str(b) for b in budgets) or "1.0") + " |",
+            "|---|" + "---|" * max(1, len(budgets)),
         ]
         full = [r for r in runs if r["method"] == "full"]
         if full:
@@ -55,8 +55,26 @@ def markdown_table(payload: dict[str, Any]) -> str:
                     f"{_fmt(fid.get('kl'), 2)}){_fewer(r, samples)}"
                 )
             lines.append(f"| {method} | " + " | ".join(shown) + " |")
-        lines.append("")
+        lines += ["", *_by_size(runs)]
     return "\n".join(lines)
+
+
+def _by_size(runs: list[dict[str, Any]]) -> list[str]:
+    """Where a task ran at several sizes: a second table, accuracy per size for each method and budget (the
+    main table's cells average over the sizes, which hides a model that fails only on the longest prompts)."""
+    sizes = sorted({size for r in runs for size in r.get("accuracy_by_size") or {}}, key=int)
+    if len(sizes) < 2:
+        return []
+    lines = [
+        "By size (accuracy at each number of images or tokens the task was made at):",
+        "",
+        "| method | budget | " + " | ".join(sizes) + " |",
+        "|---|---|" + "---|" * len(sizes),
+    ]
+    for r in sorted(runs, key=lambda r: (r["method"] != "full", r["method"], r["budget"])):
+        acc = r.get("accuracy_by_size") or {}
+        lines.append(f"| {r['method']} | {r['budget']} | " + " | ".join(_fmt(acc.get(s)) for s in sizes) + " |")
+    return [*lines, ""]
 
 
 def plot_accuracy(payload: dict[str, Any], out: Path) -> list[Path]:
