@@ -329,7 +329,7 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
     assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
-    assert start["count_balance"] is False
+    assert start["count_balance"] is False and start["compile"] is False
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:

@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "count_list": args.count_list,
             "count_balance": args.count_balance,
             "align_conjunction": args.align_conjunction,
+            "compile": args.compile,
         },
     )
     meta = {
