@@ -1,6 +1,6 @@
 """Where mm-count's answer position looks: attention from the prompt's last token to the matching images, by size.
 
-A reading of the counting errors in docs/vlm.md is that a count read from the attention the matching images
+A reading of the counting errors in docs/vlm-runs.md is that a count read from the attention the matching images
 receive is diluted as the images grow. This measures it. For each model, held-out mm-count samples at each size
 are prefilled with the full cache (one forward, no generation); at every layer and head the softmax of the last
 prompt token's query (the position that writes the answer) is split into the mass on the image tokens of the

@@ -314,12 +314,12 @@ def make_count(seed: int, size: int, half_match: float = 0.0, plant: bool = Fals
     Training only, both off in the evaluation task:
 
     * ``half_match``: the share of the other images drawn among the items that have the target's colour or its
-      kind (not both); 0 draws them uniformly, about 17% of them such items (docs/vlm.md, "Where counting
+      kind (not both); 0 draws them uniformly, about 17% of them such items (docs/vlm-runs.md, "Where counting
       fails").
     * ``plant``: other items are planted so that one appears in 1 image, one in 2, ... up to 6 (skipping the
       target's count, while they fit in half of the other images), and the remaining images show none of them:
       every count 1-6 can then be asked about the same images. Without it, 64 images of mostly distinct items
-      offer follow-up counts that are 65% "2" (docs/vlm.md, "Counting drifts down").
+      offer follow-up counts that are 65% "2" (docs/vlm-runs.md, "Counting drifts down").
     """
     _check_size(size)
     rng = random.Random(f"mm-count/{seed}/{size}")

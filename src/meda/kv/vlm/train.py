@@ -92,14 +92,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--count-list",
         action="store_true",
         help="mm-count samples also ask which images show each item in 2-6 of them (\"3, 17, 40\"): training "
-        "to find every match, not only their sum (the evaluation task is unchanged; tenth run, docs/vlm.md)",
+        "to find every match, not only their sum (the evaluation task is unchanged; tenth run, docs/vlm-runs.md)",
     )
     p.add_argument(
         "--count-balance",
         action="store_true",
         help="mm-count samples plant other items in 1, 2, ... 6 images and ask about each count once, so the "
         "count targets are about uniform at every size (without it, 65%% of a 64-image sample's counts are 2); "
-        "the evaluation task is unchanged (runs 13-14, docs/vlm.md: no gain at 64 images)",
+        "the evaluation task is unchanged (runs 13-15, docs/vlm-runs.md: no gain at 64 images)",
     )
     p.add_argument(
         "--norm-weight",
