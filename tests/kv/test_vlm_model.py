@@ -506,3 +506,32 @@ def test_compiled_training_step_matches_eager(tokenizer_dir: Path) -> None:
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
     for a, b in zip(eager_grads, compiled_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_train_speed_benchmark_times_steps_and_writes_json(tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """benchmarks/vlm_train_speed.py on a tiny random LM (eager only, so no compiler is needed): one timed step
+    per size, batches of the asked size, and a JSON report."""
+    import json
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "vlm_train_speed", Path(__file__).resolve().parents[2] / "benchmarks" / "vlm_train_speed.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    argv = ["vlm_train_speed.py", "--base", str(tokenizer_dir), "--random-lm", "--tiny-lm", "--device", "cpu",
+            "--tokens", "1500", "--sizes", "3,8", "--steps", "1", "--warmup", "0", "--variants", "eager",
+            "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert run["variant"] == "eager" and set(run["sizes"]) == {"3", "8"}
+    assert all(cell["ms_per_step"] > 0 and cell["tokens"] > 0 for cell in run["sizes"].values())
+    from meda.kv.vlm.data import draw_spec
+
+    assert all(draw_spec(0, bench.batch_index(0, n, 64), 64, bench.OPTIONS)[:2] == ("mm-count", n) for n in (3, 8, 64))
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--variants", "eager,fast"])
+    with pytest.raises(SystemExit, match="--variants"):
+        bench.main()
