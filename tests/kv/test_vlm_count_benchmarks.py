@@ -1,5 +1,6 @@
-"""benchmarks/vlm_count_attention.py and benchmarks/vlm_count_targets.py on the CPU: the attention probe
-against eager attention's own weights, the image masses, and the count targets with and without balance."""
+"""benchmarks/vlm_count_attention.py, vlm_count_targets.py and vlm_needle_errors.py on the CPU: the attention
+probe against eager attention's own weights, the image masses, the count targets with and without balance, and
+the sorting of the needle's wrong answers."""
 
 from __future__ import annotations
 
@@ -53,3 +54,36 @@ def test_count_targets_lean_on_two_at_64_images_unless_balanced() -> None:
     balanced = targets.count_answers(64, 40, 8, 0.25, balance=True)
     assert plain["2"] > 0.5 * sum(plain.values())
     assert set(balanced.values()) == {40} and sorted(balanced) == targets.VALUES
+
+
+def test_needle_errors_sort_wrong_answers_by_what_the_named_image_shows() -> None:
+    needle = _benchmark("vlm_needle_errors")
+    items = ["red star", "red circle", "blue star", "green digit 7", None]
+    assert needle.kind_of_error("1", 1, items, "red star") == "right"
+    assert needle.kind_of_error("2.", 1, items, "red star") == "colour"
+    assert needle.kind_of_error("3", 1, items, "red star") == "kind"
+    assert needle.kind_of_error("4", 1, items, "red star") == "other"
+    assert needle.kind_of_error("4", 1, items, "blue digit 7") == "kind"  # a digit's kind is its numeral
+    for answer in ("5", "9", "Image", ""):  # an empty frame, no such image, no number
+        assert needle.kind_of_error(answer, 1, items, "red star") == "not an image"
+    rows = [{"size": 8, "position": t, "truth": t, "answer": a, "error": e}
+            for t, a, e in [(1, "1", "right"), (3, "2", "colour"), (8, "8", "right"), (7, "4", "other")]]
+    assert needle.summary(rows) == (
+        "8 images: accuracy 0.50 (4 samples); right by needle quarter 1/1 0/1 0/0 1/2; "
+        "wrong answers: {'colour': 1, 'other': 1}; wrong image minus the needle's: {-3: 1, -1: 1}"
+    )
+
+
+def test_shuffled_labels_are_a_permutation_and_the_answer_follows_the_needle() -> None:
+    import re
+
+    from meda.kv.eval.tasks_mm import make_needle
+
+    needle = _benchmark("vlm_needle_errors")
+    sample = make_needle(3, 16)
+    shuffled, labels = needle.relabelled(sample, 3)
+    assert sorted(labels) == list(range(1, 17)) and labels != list(range(1, 17))
+    assert [int(n) for n in re.findall(r"^Image (\d+):", shuffled.text, flags=re.MULTILINE)] == labels
+    assert shuffled.answer == str(labels[sample.meta["position"] - 1])
+    assert shuffled.text.split("\n")[-1] == sample.text.split("\n")[-1]  # the question is unchanged
+    assert shuffled.images == sample.images
