@@ -9,8 +9,8 @@ cache, greedy, as ``meda kv eval`` does, and sorts every wrong answer by what th
 * ``not an image``: no number, or a number that names no image.
 
 Accuracy is also given by where the needle is (quarters of the prompt), since a long prompt may be read well
-only near its end, and the wrong image numbers minus the needle's (a model that finds the needle but reads a
-neighbouring label answers a few off).
+only near its end, and where the image a wrong answer names stands against the needle (a model that finds the
+needle but reads a neighbouring image's label names an image a few places off).
 
 ``--shuffle-labels`` numbers the images in a random order (``Image 41: ... Image 7: ...``; the answer is the
 needle's label): a model that copies the label before the needle still answers right, one that works the
@@ -90,13 +90,13 @@ def summary(rows: list[dict]) -> str:
             quarters.append(f"{right}/{len(inside)}")
         wrong = Counter(r["error"] for r in of_size if r["error"] != "right")
         offsets = Counter(
-            _named(r["answer"]) - r["truth"]
+            r["answered_place"] - r["position"]
             for r in of_size
-            if r["error"] not in ("right", "not an image") and _named(r.get("answer", "")) is not None
+            if r["error"] not in ("right", "not an image")
         )
-        near = f"; wrong image minus the needle's: {dict(sorted(offsets.items()))}" if offsets else ""
-        if any(r.get("shuffled") for r in of_size):
-            near = f"; gives its place instead of its label: {sum(r['gives_place'] for r in of_size)}"
+        near = f"; place of the named image minus the needle's: {dict(sorted(offsets.items()))}" if offsets else ""
+        if any(r["shuffled"] for r in of_size):
+            near += f"; gives its place instead of its label: {sum(r['gives_place'] for r in of_size)}"
         lines.append(
             f"{size} images: accuracy {accuracy:.2f} ({len(of_size)} samples); right by needle quarter "
             f"{' '.join(quarters)}; wrong answers: {dict(wrong) or 'none'}{near}"
@@ -138,7 +138,7 @@ def main() -> None:
                 ref = reference_run(model, inputs, task.max_new_tokens, eos)
             answer = tokenizer.decode(ref.tokens, skip_special_tokens=True).strip()
             by_label = [items[labels.index(n)] for n in range(1, size + 1)]  # what the image labelled n shows
-            truth = int(sample.answer)
+            truth, named = int(sample.answer), _named(answer)
             rows.append(
                 {
                     "size": size,
@@ -147,8 +147,10 @@ def main() -> None:
                     "truth": truth,
                     "answer": answer,
                     "error": kind_of_error(answer, truth, by_label, sample.meta["target"]),
+                    # where the image whose label the answer names stands (None: it names none)
+                    "answered_place": labels.index(named) + 1 if named in labels else None,
                     "shuffled": args.shuffle_labels,
-                    "gives_place": args.shuffle_labels and truth != position and _named(answer) == position,
+                    "gives_place": args.shuffle_labels and truth != position and named == position,
                 }
             )
             print(json.dumps(rows[-1]), flush=True)

@@ -66,11 +66,12 @@ def test_needle_errors_sort_wrong_answers_by_what_the_named_image_shows() -> Non
     assert needle.kind_of_error("4", 1, items, "blue digit 7") == "kind"  # a digit's kind is its numeral
     for answer in ("5", "9", "Image", ""):  # an empty frame, no such image, no number
         assert needle.kind_of_error(answer, 1, items, "red star") == "not an image"
-    rows = [{"size": 8, "position": t, "truth": t, "answer": a, "error": e}
+    rows = [{"size": 8, "position": t, "truth": t, "answer": a, "error": e, "answered_place": int(a),
+             "shuffled": False, "gives_place": False}
             for t, a, e in [(1, "1", "right"), (3, "2", "colour"), (8, "8", "right"), (7, "4", "other")]]
     assert needle.summary(rows) == (
         "8 images: accuracy 0.50 (4 samples); right by needle quarter 1/1 0/1 0/0 1/2; "
-        "wrong answers: {'colour': 1, 'other': 1}; wrong image minus the needle's: {-3: 1, -1: 1}"
+        "wrong answers: {'colour': 1, 'other': 1}; place of the named image minus the needle's: {-3: 1, -1: 1}"
     )
 
 
