@@ -25,10 +25,8 @@ number out from the needle's place in the prompt answers that place (counted as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -37,8 +35,8 @@ import torch
 from meda.kv.eval.fidelity import reference_run
 from meda.kv.eval.harness import resolve_tasks
 from meda.kv.eval.inputs import eos_ids, sample_inputs
-from meda.kv.eval.tasks import Sample
 from meda.kv.eval.tasks_mm import make_needle
+from meda.kv.vlm.data import shuffle_labels
 
 
 def _named(answer: str) -> int | None:
@@ -65,16 +63,6 @@ def kind_of_error(answer: str, truth: int, items: list[str | None], target: str)
     if shown[-1] == wanted[-1]:
         return "kind"
     return "other"
-
-
-def relabelled(sample: Sample, seed: int) -> tuple[Sample, list[int]]:
-    """``sample`` with its ``Image k:`` labels replaced by a random permutation of 1..N (seeded), and the
-    permutation (``labels[i]`` is image ``i``'s new label); the answer becomes the needle's new label."""
-    size = sample.meta["images"]
-    labels = random.Random(f"shuffle/{seed}/{size}").sample(range(1, size + 1), size)
-    numbers = iter(labels)
-    text = re.sub(r"^Image \d+:", lambda _: f"Image {next(numbers)}:", sample.text, flags=re.MULTILINE)
-    return dataclasses.replace(sample, text=text, answer=str(labels[sample.meta["position"] - 1])), labels
 
 
 def summary(rows: list[dict]) -> str:
@@ -131,8 +119,9 @@ def main() -> None:
             sample = make_needle(seed, size)
             position, items = sample.meta["position"], sample.meta["items"]
             labels = list(range(1, size + 1))
-            if args.shuffle_labels:
-                sample, labels = relabelled(sample, seed)
+            if args.shuffle_labels:  # the numbering the training option --shuffle-labels draws, seeded per sample
+                sample = shuffle_labels(sample, random.Random(f"shuffle/{seed}/{size}"))
+                labels = sample.meta["labels"]
             with torch.inference_mode():
                 inputs = sample_inputs(processor, sample, device=args.device)
                 ref = reference_run(model, inputs, task.max_new_tokens, eos)

@@ -329,9 +329,10 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     start = next(e for e in events if e.get("event") == "start")
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
     assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
-    assert start["count_balance"] is False and start["compile"] is False
+    assert start["count_balance"] is False and start["compile"] is False and start["shuffle_labels"] == 0.0
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
+                                 ("--shuffle-labels", "2", "--shuffle-labels must be between 0 and 1"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
         with pytest.raises(SystemExit, match=message):
             train.main([*common, flag, value, "--max-steps", "1"])
@@ -535,3 +536,50 @@ def test_train_speed_benchmark_times_steps_and_writes_json(tokenizer_dir: Path, 
     monkeypatch.setattr(sys, "argv", [*argv[:-4], "--variants", "eager,fast"])
     with pytest.raises(SystemExit, match="--variants"):
         bench.main()
+
+
+def test_shuffled_labels_number_images_in_a_random_order_and_every_answer_follows_its_image() -> None:
+    """``shuffle_labels``: the labels become a permutation, the needle's answer (and every follow-up's) is the
+    label of the image that shows the item, describe's questions name images by their labels."""
+    import random
+    import re
+
+    from meda.kv.eval.tasks_mm import make_count, make_needle, needle_question
+    from meda.kv.vlm.data import _BY_NAME, follow_ups, make_describe, shuffle_labels
+
+    def numbers(text: str) -> list[int]:
+        return [int(n) for n in re.findall(r"^Image (\d+):", text, flags=re.MULTILINE)]
+
+    needle = make_needle(3, 16)
+    shuffled = shuffle_labels(needle, random.Random(0))
+    labels = shuffled.meta["labels"]
+    assert sorted(labels) == list(range(1, 17)) and labels != list(range(1, 17)) and numbers(shuffled.text) == labels
+    assert shuffled.answer == str(labels[needle.meta["position"] - 1]) and shuffled.images == needle.images
+    assert shuffled.text.endswith(needle_question(_BY_NAME[needle.meta["target"]]))
+    shows = {label: item for label, item in zip(labels, needle.meta["items"], strict=True)}
+    turns = follow_ups("mm-needle", shuffled, random.Random(1), 7)
+    assert len(turns) == 7 and all(question == needle_question(_BY_NAME[shows[int(a)]]) for question, a in turns)
+
+    describe = make_describe(5, 6)
+    shuffled = shuffle_labels(describe, random.Random(2))
+    labels = shuffled.meta["labels"]
+    asked = labels[describe.meta["asked"]]
+    assert shuffled.text.splitlines()[-1].startswith(f"What does image {asked} show?")
+    assert shuffled.answer == describe.answer
+    shows = dict(zip(labels, describe.meta["items"], strict=True))
+    for question, answer in follow_ups("describe", shuffled, random.Random(3), 5):
+        assert shows[int(re.search(r"image (\d+)", question).group(1))] == answer
+    with pytest.raises(ValueError, match="mm-needle and describe"):
+        shuffle_labels(make_count(0, 8), random.Random(0))
+
+
+def test_shuffle_labels_option_reaches_needle_batches_only(processor) -> None:
+    from meda.kv.vlm.data import BatchOptions, make_batch
+
+    def batch(task: str, share: float):
+        return make_batch(processor, 0, 0, 8, 2000, BatchOptions(mix={task: 1.0}, shuffle_labels=share))
+
+    assert torch.equal(batch("mm-needle", 0.0).input_ids, make_batch(processor, 0, 0, 8, 2000, BatchOptions(
+        mix={"mm-needle": 1.0})).input_ids)
+    assert not torch.equal(batch("mm-needle", 1.0).input_ids, batch("mm-needle", 0.0).input_ids)
+    assert torch.equal(batch("mm-count", 1.0).input_ids, batch("mm-count", 0.0).input_ids)

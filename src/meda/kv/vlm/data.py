@@ -9,8 +9,10 @@ that resumes at batch ``index`` sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,8 +53,37 @@ def make_describe(seed: int, size: int) -> Sample:
     images = [render(item, random_placement(rng)) for item in items]
     k = rng.randrange(size)
     text = "".join(f"Image {i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(size)) + describe_question(k)
-    meta = {"items": [item.describe() for item in items]}
+    meta = {"items": [item.describe() for item in items], "asked": k}
     return Sample(text=text, answer=items[k].describe(), images=images, meta=meta)
+
+
+SHUFFLED_TASKS = ("mm-needle", "describe")  # the tasks whose answers or questions name an image by its number
+
+
+def shuffle_labels(sample: Sample, rng: random.Random) -> Sample:
+    """``sample`` (an mm-needle or describe sample) with its images numbered in a random order: the ``Image k:``
+    labels become a permutation of 1..N drawn from ``rng``, kept in ``meta["labels"]`` (image ``i``'s label).
+    The needle's answer becomes its image's label; describe's question names the asked image's label (training
+    only: the evaluation numbers images 1..N, and a model may lean on that order instead of reading the label,
+    docs/vlm-runs.md, fifteenth run)."""
+    size = len(sample.meta["items"])
+    labels = rng.sample(range(1, size + 1), size)
+    numbers = iter(labels)
+    body, question = sample.text.rsplit("\n", 1)
+    body = re.sub(r"^Image \d+:", lambda _: f"Image {next(numbers)}:", body, flags=re.MULTILINE)
+    meta, answer = {**sample.meta, "labels": labels}, sample.answer
+    if "position" in meta:  # mm-needle: the answer is the needle's number
+        answer = str(labels[meta["position"] - 1])
+    elif "asked" in meta:  # describe: the question names the image by its number
+        question = describe_question(labels[meta["asked"]] - 1)
+    else:
+        raise ValueError(f"only {' and '.join(SHUFFLED_TASKS)} samples can be numbered in a random order")
+    return dataclasses.replace(sample, text=f"{body}\n{question}", answer=answer, meta=meta)
+
+
+def _labels(sample: Sample) -> list[int]:
+    """Image ``i``'s number in the prompt: ``i + 1`` unless :func:`shuffle_labels` drew another order."""
+    return sample.meta.get("labels") or list(range(1, len(sample.meta["items"]) + 1))
 
 
 # what an image shows, as a class index: ITEMS' order, then one class for an empty video frame
@@ -73,13 +104,14 @@ def _order_pool(sample: Sample, rng: random.Random) -> list[QA]:
 
 
 def _describe_pool(sample: Sample, rng: random.Random) -> list[QA]:
-    return [(describe_question(i), name) for i, name in enumerate(sample.meta["items"])]
+    labels = _labels(sample)
+    return [(describe_question(labels[i] - 1), name) for i, name in enumerate(sample.meta["items"])]
 
 
 def _needle_pool(sample: Sample, rng: random.Random) -> list[QA]:
-    names = sample.meta["items"]
+    names, labels = sample.meta["items"], _labels(sample)
     tally = Counter(names)
-    return [(needle_question(_BY_NAME[n]), str(i + 1)) for i, n in enumerate(names) if tally[n] == 1]
+    return [(needle_question(_BY_NAME[n]), str(labels[i])) for i, n in enumerate(names) if tally[n] == 1]
 
 
 def _count_pool(sample: Sample, rng: random.Random) -> list[QA]:
@@ -233,6 +265,8 @@ class BatchOptions:
         count_balance: mm-count samples plant items in 1-6 images and ask about each count once
             (``make_count(plant=True)``, ``follow_ups(balance=True)``): the count targets are then about
             uniform at every size, where otherwise 64-image samples ask 65% of their counts with answer 2.
+        shuffle_labels: the share of mm-needle and describe samples whose images are numbered in a random order
+            (:func:`shuffle_labels`), so that only the label before an image tells its number.
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -243,6 +277,7 @@ class BatchOptions:
     large_after: int = 0
     count_list: bool = False
     count_balance: bool = False
+    shuffle_labels: float = 0.0
 
 
 def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
@@ -304,6 +339,8 @@ def make_batch(
     for j in range(count):
         sample_seed = TRAIN_SEED_START + salt * 4096 + j
         sample = make(sample_seed, size)
+        if task in SHUFFLED_TASKS and random.Random(f"shuffle/{sample_seed}").random() < options.shuffle_labels:
+            sample = shuffle_labels(sample, random.Random(f"labels/{sample_seed}"))
         enc = sample_inputs(processor, sample)
         turns = follow_ups(
             task, sample, random.Random(sample_seed), questions - 1, options.count_list, options.count_balance
