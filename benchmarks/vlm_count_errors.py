@@ -23,11 +23,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from meda.kv.eval.fidelity import reference_run
+from meda.kv.eval.fidelity import full_cache_answer
 from meda.kv.eval.harness import resolve_tasks
-from meda.kv.eval.inputs import eos_ids, sample_inputs
 from meda.kv.eval.tasks_mm import make_count
 from meda.kv.models import load_model
 
@@ -50,15 +47,11 @@ def main() -> None:
 
     model, processor = load_model(args.model, device=args.device)
     task = resolve_tasks(["mm-count"])[0]
-    eos, tokenizer = eos_ids(model, processor), getattr(processor, "tokenizer", processor)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for seed in range(args.seed, args.seed + args.samples):
             sample = make_count(seed, size, args.half_match)
-            with torch.inference_mode():
-                inputs = sample_inputs(processor, sample, device=args.device)
-                ref = reference_run(model, inputs, task.max_new_tokens, eos)
-            answer = tokenizer.decode(ref.tokens, skip_special_tokens=True).strip()
+            answer = full_cache_answer(model, processor, sample, task.max_new_tokens, args.device)
             rows.append(
                 {
                     "size": size,

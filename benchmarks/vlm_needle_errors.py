@@ -30,11 +30,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from meda.kv.eval.fidelity import reference_run
+from meda.kv.eval.fidelity import full_cache_answer
 from meda.kv.eval.harness import resolve_tasks
-from meda.kv.eval.inputs import eos_ids, sample_inputs
 from meda.kv.eval.tasks_mm import make_needle
 from meda.kv.vlm.data import shuffle_labels
 
@@ -112,7 +109,6 @@ def main() -> None:
 
     model, processor = load_model(args.model, device=args.device)
     task = resolve_tasks(["mm-needle"])[0]
-    eos, tokenizer = eos_ids(model, processor), getattr(processor, "tokenizer", processor)
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for seed in range(args.seed, args.seed + args.samples):
@@ -122,10 +118,7 @@ def main() -> None:
             if args.shuffle_labels:  # the numbering the training option --shuffle-labels draws, seeded per sample
                 sample = shuffle_labels(sample, random.Random(f"shuffle/{seed}/{size}"))
                 labels = sample.meta["labels"]
-            with torch.inference_mode():
-                inputs = sample_inputs(processor, sample, device=args.device)
-                ref = reference_run(model, inputs, task.max_new_tokens, eos)
-            answer = tokenizer.decode(ref.tokens, skip_special_tokens=True).strip()
+            answer = full_cache_answer(model, processor, sample, task.max_new_tokens, args.device)
             by_label = [items[labels.index(n)] for n in range(1, size + 1)]  # what the image labelled n shows
             truth, named = int(sample.answer), _named(answer)
             rows.append(

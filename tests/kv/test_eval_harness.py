@@ -239,3 +239,16 @@ def test_table_adds_accuracy_by_size_when_a_task_ran_at_several_sizes() -> None:
     one = markdown_table({"model": "m", "runs": [run("full", 1.0, {"64": 0.25})]})
     assert "By size" not in one
     assert "| method | 1.0 |\n|---|---|\n| full (budget 1.0) | 0.250 |" in one  # full cache only: a well-formed table
+
+
+def test_full_cache_answer_is_generate_s_greedy_answer_decoded() -> None:
+    """What the counting and needle diagnostics score: transformers' own greedy decoding, decoded and stripped."""
+    from meda.kv.eval.fidelity import full_cache_answer
+
+    t, tok = tiny(), CharTokenizer()
+    sample = toy_task().make(2, 240)
+    inputs = sample_inputs(tok, sample)
+    with torch.inference_mode():
+        full = t.model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expected = tok.decode(full[0, inputs["input_ids"].shape[1] :]).strip()
+    assert full_cache_answer(t.model, tok, sample, 6, "cpu") == expected

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from meda.kv.compress import compress
+from meda.kv.eval.inputs import eos_ids, sample_inputs
 from meda.kv.support import cache_keyword, returned_cache
 
 
@@ -109,6 +110,15 @@ def reference_run(model: torch.nn.Module, inputs: dict[str, Tensor], new_tokens:
     log_probs, cache = _prefill(model, inputs)
     tokens, rows = _greedy(model, cache, log_probs.argmax(), log_probs, new_tokens, eos)
     return Reference(tokens=tokens, log_probs=rows)
+
+
+def full_cache_answer(model: torch.nn.Module, processor: Any, sample: Any, new_tokens: int, device: Any) -> str:
+    """The full cache's greedy answer to a task ``sample``, decoded and stripped as ``meda kv eval`` scores it
+    (for diagnostics that need the answer alone: ``benchmarks/vlm_count_errors.py``, ``vlm_needle_errors.py``)."""
+    inputs = sample_inputs(processor, sample, device=device)
+    with torch.inference_mode():
+        ref = reference_run(model, inputs, new_tokens, eos_ids(model, processor))
+    return getattr(processor, "tokenizer", processor).decode(ref.tokens, skip_special_tokens=True).strip()
 
 
 def compressed_run(
