@@ -1,7 +1,8 @@
 """Where a VLM miscounts on mm-count: its full-cache answer against the truth, per size and per error.
 
 Answers every held-out mm-count sample (seeds ``--seed`` .. ``--seed + --samples - 1`` at each size) with the
-full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size and a table of (answer - truth).
+full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size, right answers per true count and a
+table of (answer - truth).
 
     python benchmarks/vlm_count_errors.py --sizes 8,16,32,64 --samples 12 --json docs/results/vlm_count_errors_cpu.json
     python benchmarks/vlm_count_errors.py --model runs/vlm/checkpoint --device cuda     # a training run's weights
@@ -42,7 +43,8 @@ def main() -> None:
     args = p.parse_args()
     if args.summarise:
         for path in args.summarise:
-            print(f"{path.name}: {summary(json.loads(path.read_text())['rows'])}")
+            rows = json.loads(path.read_text())["rows"]
+            print(f"{path.name}: {summary(rows)}\n  {by_truth(rows)}")
         return
 
     model, processor = load_model(args.model, device=args.device)
@@ -63,6 +65,7 @@ def main() -> None:
             )
             print(json.dumps(rows[-1]), flush=True)
     print(summary(rows))
+    print(by_truth(rows))
     offsets = Counter(_offset(r) for r in rows)
     print("answer - truth:", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items(), key=lambda kv: str(kv[0]))))
     if args.json:
@@ -83,6 +86,17 @@ def summary(rows: list[dict]) -> str:
         mean = sum(numeric) / len(of_size)
         parts.append(f"{size} images: accuracy {accuracy:.2f}, mean error {mean:+.2f} ({len(of_size)} samples{bad})")
     return "; ".join(parts)
+
+
+def by_truth(rows: list[dict]) -> str:
+    """One line: right answers out of samples per true count, all sizes together (a model whose internal count
+    saturates gets the low counts right and under-counts the high ones)."""
+    tally: dict[int, list[int]] = {}
+    for r in rows:
+        right_total = tally.setdefault(int(r["truth"]), [0, 0])
+        right_total[0] += bool(r["correct"])
+        right_total[1] += 1
+    return "right by true count: " + ", ".join(f"{k}: {r}/{n}" for k, (r, n) in sorted(tally.items()))
 
 
 def _offset(row: dict) -> int | str:
