@@ -72,14 +72,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="share of mm-count's other images that have the target's colour or its kind (hard negatives; "
-        "0 draws them uniformly, as the evaluation task does and as the shipped weights were trained)",
+        "0 draws them uniformly, as the evaluation task does; the shipped weights were trained with 0.25)",
     )
     p.add_argument(
         "--large-share",
         type=float,
         default=0.0,
         help="share of the task batches whose size is drawn from the upper half, --max-images / 2 to --max-images "
-        "(0, the shipped weights' setting: half log-uniform, half uniform from 3)",
+        "(0: half log-uniform, half uniform from 3; the shipped weights were trained with 0.5)",
     )
     p.add_argument(
         "--large-after",
@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="share of mm-needle and describe samples whose images are numbered in a random order, so that only "
-        "the label before an image tells its number (the shipped weights fall from 0.92 to 0.08 on the needle "
+        "the label before an image tells its number (the fourth run's weights fall from 0.92 to 0.08 on the needle "
         "with such numbering: docs/vlm-runs.md, fifteenth run); the evaluation task is unchanged",
     )
     p.add_argument(
@@ -136,7 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-images", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4, help="vision tower and projector")
-    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument(
+        "--lora-lr",
+        type=float,
+        default=5e-4,
+        help="LoRA adapter (the shipped weights: 1e-3, which learned the needle and counting faster; docs/vlm-runs.md)",
+    )
     p.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     p.add_argument("--workers", type=int, default=None, help="data workers (default: CPUs - 2, 0 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
