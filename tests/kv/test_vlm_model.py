@@ -165,23 +165,26 @@ def test_training_batches_use_training_seeds_only_and_mark_the_answer(processor,
 
 
 @needs_smollm2
-def test_count_batches_pass_the_hard_negative_share_to_the_task(processor, monkeypatch) -> None:
+def test_count_batches_pass_the_count_options_to_the_task(processor, monkeypatch) -> None:
     from meda.kv.vlm import data
 
-    shares: list[float] = []
+    shares: list[tuple[float, bool, int]] = []
     make_count = data.make_count
 
-    def recording(seed, size, half_match=0.0, plant=False):
-        shares.append((half_match, plant))
-        return make_count(seed, size, half_match, plant)
+    def recording(seed, size, half_match=0.0, plant=False, max_count=6):
+        shares.append((half_match, plant, max_count))
+        return make_count(seed, size, half_match, plant, max_count)
 
     monkeypatch.setattr(data, "make_count", recording)
     index = next(i for i in range(200) if data.draw_spec(0, i, 8)[0] == "mm-count")
     data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_half_match=0.5))
-    assert shares and set(shares) == {(0.5, False)}
+    assert shares and set(shares) == {(0.5, False, 6)}
     shares.clear()
     data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_balance=True))
-    assert shares and set(shares) == {(0.0, True)}
+    assert shares and set(shares) == {(0.0, True, 6)}
+    shares.clear()
+    data.make_batch(processor, 0, index, 8, 2000, data.BatchOptions(count_max=8))
+    assert shares and set(shares) == {(0.0, False, 8)}
 
 
 def test_task_mix_parses_weights_and_draws_tasks_in_proportion() -> None:
@@ -330,9 +333,11 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert start["mix"] == {name: weight for name, (_, weight) in train.TRAIN_TASKS.items()}
     assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
     assert start["count_balance"] is False and start["compile"] is False and start["shuffle_labels"] == 0.0
+    assert start["count_max"] == 6
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--shuffle-labels", "2", "--shuffle-labels must be between 0 and 1"),
+                                 ("--count-max", "5", "--count-max must be at least 6"),
                                  ("--tasks", "mm-cuont", "--tasks: unknown training task")]:
         with pytest.raises(SystemExit, match=message):
             train.main([*common, flag, value, "--max-steps", "1"])
@@ -388,6 +393,32 @@ def test_balanced_count_follow_ups_ask_each_count_once() -> None:
         for _, a in data.follow_ups("mm-count", data.make_count(TRAIN_SEED_START + seed, 64), random.Random(seed), 7)
     )
     assert plain["2"] > 0.5 * sum(plain.values())  # the skew the option removes
+
+
+def test_count_max_draws_and_asks_counts_up_to_it_and_leaves_the_default_unchanged() -> None:
+    """``count_max=8`` (training only): the sample's own count and its follow-ups reach 7 and 8, each the true
+    tally; at the default the samples and their follow-ups are those drawn without the option."""
+    import random
+    from collections import Counter
+
+    from meda.kv.vlm import data
+
+    own: Counter[str] = Counter()
+    asked: Counter[str] = Counter()
+    for seed in range(60):
+        sample = data.make_count(TRAIN_SEED_START + seed, 64, plant=True, max_count=8)
+        tally = Counter(sample.meta["items"])
+        assert tally[sample.meta["target"]] == int(sample.answer)
+        own[sample.answer] += 1
+        for question, answer in data.follow_ups("mm-count", sample, random.Random(seed), 7, balance=True):
+            assert tally[question.removeprefix("How many images show a ").split("?")[0]] == int(answer)
+            asked[answer] += 1
+        default = data.make_count(TRAIN_SEED_START + seed, 64, plant=True)
+        assert default.meta == data.make_count(TRAIN_SEED_START + seed, 64, plant=True, max_count=6).meta
+        assert max(int(a) for _, a in data.follow_ups("mm-count", default, random.Random(seed), 7, balance=True)) <= 6
+    assert set(own) == set(asked) == {str(v) for v in range(1, 9)}
+    with pytest.raises(ValueError, match="max_count must be at least 6"):
+        data.make_count(0, 8, max_count=5)
 
 
 def test_count_list_reaches_the_training_batches(processor, monkeypatch) -> None:

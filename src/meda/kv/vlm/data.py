@@ -115,7 +115,7 @@ def _needle_pool(sample: Sample, rng: random.Random) -> list[QA]:
 
 
 def _count_pool(sample: Sample, rng: random.Random) -> list[QA]:
-    low, high = COUNT_RANGE
+    low, high = sample.meta["count_range"]
     tally = Counter(sample.meta["items"])
     return [(count_question(_BY_NAME[n]), str(c)) for n, c in tally.items() if n and low <= c <= high]
 
@@ -125,14 +125,16 @@ def count_list_question(item: str) -> str:
 
 
 def _count_list_pool(sample: Sample) -> list[QA]:
-    """Training only (``BatchOptions.count_list``): for every item in 2-6 of the images, which images they are
+    """Training only (``BatchOptions.count_list``): for every item in 2 to ``count_range``'s top of the images,
+    which images they are
     (``"3, 17, 40"``), so that a count sample also trains finding each match, not only their sum."""
     names = sample.meta["items"]
     where: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         if name:
             where.setdefault(name, []).append(i + 1)
-    low, high = max(2, COUNT_RANGE[0]), COUNT_RANGE[1]
+    low, high = sample.meta["count_range"]
+    low = max(2, low)
     return [(count_list_question(n), ", ".join(map(str, at))) for n, at in where.items() if low <= len(at) <= high]
 
 
@@ -267,6 +269,8 @@ class BatchOptions:
             uniform at every size, where otherwise 64-image samples ask 65% of their counts with answer 2.
         shuffle_labels: the share of mm-needle and describe samples whose images are numbered in a random order
             (:func:`shuffle_labels`), so that only the label before an image tells its number.
+        count_max: the largest count mm-count's samples and follow-ups ask (``make_count(max_count=...)``);
+            the evaluation asks 1-6.
     """
 
     mix: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
@@ -278,6 +282,7 @@ class BatchOptions:
     count_list: bool = False
     count_balance: bool = False
     shuffle_labels: float = 0.0
+    count_max: int = COUNT_RANGE[1]
 
 
 def draw_spec(seed: int, index: int, max_images: int, options: BatchOptions = BatchOptions()) -> tuple[str, int, int]:
@@ -332,8 +337,10 @@ def make_batch(
     per_sample = size * (TOKENS_PER_IMAGE + 8) + 80 + 30 * (questions - 1)
     count = max(1, tokens_per_batch // per_sample)
     make = TRAIN_TASKS[task][0]
-    if task == "mm-count" and (options.count_half_match > 0 or options.count_balance):
-        make = functools.partial(make_count, half_match=options.count_half_match, plant=options.count_balance)
+    if task == "mm-count":
+        make = functools.partial(
+            make_count, half_match=options.count_half_match, plant=options.count_balance, max_count=options.count_max
+        )
     tokenizer = processor.tokenizer
     rows, pixels, spans, items = [], [], [], []
     for j in range(count):
