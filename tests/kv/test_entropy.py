@@ -1,4 +1,4 @@
-"""Cross-modal entropy against a dense loop reference."""
+"""Cross-modal entropy against a dense loop reference and a dense tensor reference (the former PyTorch path)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from meda.kv.entropy import cross_modal_entropy
+from meda.kv.entropy import cross_modal_entropy, cross_modal_entropy_sums
 
 
 def make_inputs(batch, kv_heads, group, n, dim, pads=(), dtype=torch.float32, seed=0):
@@ -106,6 +106,74 @@ def test_bad_vision_mask_raises():
         cross_modal_entropy(query, key, torch.zeros(1, 5), valid, scaling=1.0)
     with pytest.raises(ValueError, match="query rows"):
         cross_modal_entropy(query, key, valid, valid, scaling=1.0, query_subset=torch.tensor([5]))
+
+
+def dense_reference_sums(query, key, vision, valid, *, scaling, softcap=None, query_subset=None):
+    """The plain dense computation: every chosen query row against all N keys, same-group keys masked out.
+
+    Returns ``(sums [B, 2], counts [B, 2])`` over (text rows, vision rows), like ``cross_modal_entropy_sums``.
+    """
+    batch, q_heads, n_queries, dim = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    rows = (torch.arange(n_queries) if query_subset is None else query_subset).expand(batch, -1)  # [B, S]
+    positions = rows + (n - n_queries)
+    q = query.float().gather(2, rows[:, None, :, None].expand(-1, q_heads, -1, dim))  # [B, Hq, S, D]
+    k = key.float().repeat_interleave(q_heads // kv_heads, dim=1)  # [B, Hq, N, D]
+    logits = q @ k.transpose(-1, -2) * scaling  # [B, Hq, S, N]
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    query_vision = vision.gather(1, positions)  # [B, S]
+    seen = (
+        (torch.arange(n) <= positions[..., None])
+        & valid[:, None, :]
+        & valid.gather(1, positions)[..., None]
+        & (vision[:, None, :] != query_vision[..., None])
+    )  # [B, S, N]
+    log_p = logits.masked_fill(~seen[:, None], float("-inf")).log_softmax(dim=-1)
+    row_entropy = -(log_p.exp() * log_p).masked_fill(~seen[:, None], 0.0).sum(dim=(-1, 1))  # [B, S]
+    side = torch.stack((~query_vision, query_vision), dim=-1) & seen.any(dim=-1)[..., None]  # [B, S, 2]
+    return (row_entropy[..., None] * side).sum(dim=1), side.sum(dim=1).float()
+
+
+# Token layouts of N = 24 ('t' text, 'v' vision, 'p' padding, 'P' padding flagged as vision).
+LAYOUTS = {
+    "padded_interleaved": "pPttvvvvvvttvvvvvvvttttt",
+    "vision_first": "vvvvvvvtttvvvvvvvvvttttt",
+    "no_vision": "tttttttttttttttttttttttt",
+}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [("padded_interleaved", "vision_first"), ("vision_first", "no_vision"), ("no_vision", "padded_interleaved")],
+)
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("n_queries", [24, 17])
+@pytest.mark.parametrize("subset", ["all", "shared", "per_row"])
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+def test_sums_match_dense_reference(layout, softcap, n_queries, subset, chunk):
+    gen = torch.Generator().manual_seed(1)
+    n, dim = 24, 8
+    query = torch.randn(2, 4, n_queries, dim, generator=gen) * 2  # Hq = 4 over Hkv = 2 (G = 2)
+    key = torch.randn(2, 2, n, dim, generator=gen)
+    vision = torch.tensor([[c in "vP" for c in LAYOUTS[name]] for name in layout])
+    valid = torch.tensor([[c not in "pP" for c in LAYOUTS[name]] for name in layout])
+    rows = {
+        "all": None,
+        "shared": torch.tensor([0, 3, 4, 9, n_queries - 1]),
+        "per_row": torch.tensor([[n_queries - 1, 2, 5, 5, 11], [1, 8, 12, 15, 0]]),
+    }[subset]
+    options = {"scaling": dim**-0.5, "softcap": softcap, "query_subset": rows}
+    sums, counts = cross_modal_entropy_sums(query, key, vision, valid, query_chunk=chunk, **options)
+    expected_sums, expected_counts = dense_reference_sums(query, key, vision, valid, **options)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_query_chunk_raises():
+    query, key, vision, valid = make_inputs(1, 1, 1, 5, 4)
+    with pytest.raises(ValueError, match="query_chunk"):
+        cross_modal_entropy(query, key, vision, valid, scaling=1.0, query_chunk=0)
 
 
 @pytest.mark.gpu

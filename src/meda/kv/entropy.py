@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from meda.kv.kernels import fused_available
-from meda.kv.scoring import causal_logit_chunks, check_attention_inputs
+from meda.kv.scoring import _masked_logits, batch_query_rows, check_attention_inputs
 
 
 def cross_modal_entropy(
@@ -39,7 +39,7 @@ def cross_modal_entropy(
         valid: ``BoolTensor [B, N]``, False at padding.
         scaling: logit scale.
         softcap: attention-logit soft-cap (``softcap * tanh(logits / softcap)``), None for none.
-        query_chunk: query rows per chunk (peak memory about ``2 x B x Hq x query_chunk x N`` floats).
+        query_chunk: query rows per chunk (peak memory at most about ``2 x B x Hq x query_chunk x N`` floats).
         query_subset: optional ``LongTensor [S]`` or ``[B, S]`` of query rows to evaluate instead of all
             (a sampled or observation subset); the means then run over the eligible rows of the subset.
 
@@ -68,35 +68,89 @@ def cross_modal_entropy_sums(
     Returns:
         ``(sums [B, 2], counts [B, 2])`` float32 over (text rows, vision rows): the row entropies summed
         over eligible rows and query heads, and the number of eligible rows. On CUDA with Triton the fused
-        kernel computes them (:mod:`meda.kv.kernels`), elsewhere the chunked PyTorch reference below.
+        kernel computes them (:mod:`meda.kv.kernels`). Elsewhere PyTorch computes the two cross-modal blocks
+        only (text rows over the vision keys, vision rows over the text keys; each gathered per batch row and
+        padded to the longest row), chunk by chunk of query rows, each chunk cut to the keys it can see.
     """
     if vision.dtype != torch.bool or vision.shape != valid.shape:
         raise ValueError(
             f"vision must be a bool tensor shaped like valid {tuple(valid.shape)}; got {vision.dtype} "
             f"{tuple(vision.shape)}"
         )
+    check_attention_inputs(query, key, valid)
     if fused_available(query):
         from meda.kv.kernels.statistics import entropy_sums
 
-        check_attention_inputs(query, key, valid)
         return entropy_sums(query, key, vision, valid, scaling=scaling, softcap=softcap, query_subset=query_subset)
-    batch = query.shape[0]
+    if query_chunk < 1:
+        raise ValueError(f"query_chunk must be >= 1; got {query_chunk}")
+    batch, n_queries, n_keys = query.shape[0], query.shape[2], key.shape[2]
+    rows = batch_query_rows(query_subset, batch, n_queries, query.device)  # [B, S]
+    positions = rows + (n_keys - n_queries)
+    query_vision, query_valid = vision.gather(1, positions), valid.gather(1, positions)
+    key_positions = torch.arange(n_keys, device=key.device).expand(batch, -1)  # [B, N]
     sums = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)  # [text rows, vision rows]
     counts = torch.zeros(batch, 2, device=key.device, dtype=torch.float32)
-    chunks = causal_logit_chunks(
-        query, key, valid, scaling=scaling, softcap=softcap, query_chunk=query_chunk, query_rows=query_subset
-    )
-    for positions, logits, visible in chunks:
-        query_vision = vision.gather(1, positions)  # [B, c]
-        hidden = ~(visible & (vision[:, None, :] != query_vision[..., None]))[:, None, None]  # [B,1,1,c,N]
-        log_probs = torch.log_softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
+    for side, is_vision in enumerate((False, True)):
+        side_rows, rows_ok = _packed(rows, query_valid & (query_vision == is_vision))
+        side_keys, keys_ok = _packed(key_positions, valid & (vision != is_vision))  # the other group's keys
+        sums[:, side], counts[:, side] = _block_entropy_sums(
+            query, key, side_rows, rows_ok, side_keys, keys_ok, scaling=scaling, softcap=softcap, chunk=query_chunk
+        )
+    return sums, counts
+
+
+def _packed(values: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept ``values [B, M]`` of each row moved to the front in their order, cut to the longest row:
+    ``(packed [B, K], kept [B, K])`` with ``K = max_b keep[b].sum()``; ``kept`` is False at the fill."""
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, : int(keep.sum(dim=1).max())]
+    return values.gather(1, order), keep.gather(1, order)
+
+
+def _block_entropy_sums(
+    query: Tensor,
+    key: Tensor,
+    rows: Tensor,
+    rows_ok: Tensor,
+    key_positions: Tensor,
+    keys_ok: Tensor,
+    *,
+    scaling: float,
+    softcap: float | None,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    """Entropy sums and counts of one cross-modal block: query ``rows [B, R]`` attending causally over the keys
+    at ``key_positions [B, K]`` (ascending where ``keys_ok``); fill entries (False in ``rows_ok [B, R]`` or
+    ``keys_ok [B, K]``) take no part. Returns ``(sums [B], counts [B])`` float32: row entropies summed over
+    the eligible rows (those that see >= 1 key) and query heads, and the number of eligible rows."""
+    batch, q_heads, n_queries, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    sums = torch.zeros(batch, device=key.device, dtype=torch.float32)
+    counts = torch.zeros(batch, device=key.device, dtype=torch.float32)
+    if not key_positions.shape[1]:
+        return sums, counts
+    index = key_positions[:, None, :, None].expand(-1, kv_heads, -1, dim)
+    keys32 = key.gather(2, index).float().unsqueeze(2)  # [B, Hkv, 1, K, D]
+    grouped = query.unflatten(1, (kv_heads, q_heads // kv_heads))  # [B, Hkv, G, Nq, D], a view
+    for start in range(0, rows.shape[1], chunk):
+        part = rows[:, start : start + chunk]  # [B, c]
+        positions = part + (n_keys - n_queries)
+        causal = key_positions[:, None] <= positions[..., None]
+        visible = rows_ok[:, start : start + chunk, None] & keys_ok[:, None] & causal  # [B, c, K]
+        width = int(visible.sum(dim=-1).max())  # keys ascend, so each row's visible keys come first
+        if not width:
+            continue
+        visible = visible[..., :width]  # [B, c, w]
+        index = part[:, None, None, :, None].expand(-1, kv_heads, grouped.shape[2], -1, dim)
+        q = grouped.gather(3, index).float()  # [B, Hkv, G, c, D]
+        logits = _masked_logits(q * scaling, keys32[..., :width, :], visible, softcap)
+        log_probs = torch.log_softmax(logits, dim=-1)
         del logits  # peak memory: two chunk-sized tensors
-        row_entropy = _entropy_rows(log_probs, hidden)  # [B, c], summed over query heads
+        row_entropy = _entropy_rows(log_probs, ~visible[:, None, None])  # [B, c]
         del log_probs
-        eligible = ~hidden[:, 0, 0].all(dim=-1)  # [B, c]; padded queries see no key
-        rows = torch.stack((~query_vision, query_vision), dim=-1) & eligible[..., None]  # [B, c, 2]
-        sums += (row_entropy[..., None] * rows).sum(dim=1)
-        counts += rows.sum(dim=1)
+        eligible = visible.any(dim=-1)  # [B, c]
+        sums += (row_entropy * eligible).sum(dim=1)
+        counts += eligible.sum(dim=1)
     return sums, counts
 
 

@@ -46,6 +46,19 @@ def check_attention_inputs(query: Tensor, key: Tensor, valid: Tensor) -> None:
         )
 
 
+def batch_query_rows(query_rows: Tensor | None, batch: int, n_queries: int, device: torch.device) -> Tensor:
+    """``LongTensor [B, S]``: ``query_rows`` (``[S]`` or ``[B, S]``, None for all ``n_queries`` rows) checked to
+    lie in ``[0, n_queries)`` and expanded to the batch. Raises ``ValueError`` on a bad shape or value."""
+    if query_rows is None:
+        query_rows = torch.arange(n_queries, device=device)
+    if query_rows.dim() not in (1, 2) or (query_rows.dim() == 2 and query_rows.shape[0] != batch):
+        raise ValueError(f"query rows must be [S] or [batch, S]; got {tuple(query_rows.shape)}")
+    query_rows = query_rows.to(device=device, dtype=torch.long).expand(batch, -1)
+    if query_rows.numel() and (query_rows.min() < 0 or query_rows.max() >= n_queries):
+        raise ValueError(f"query rows must lie in [0, {n_queries}); got values outside that range")
+    return query_rows
+
+
 def causal_logit_chunks(
     query: Tensor,
     key: Tensor,
@@ -78,13 +91,7 @@ def causal_logit_chunks(
     kv_heads, n_keys = key.shape[1], key.shape[2]
     group = q_heads // kv_heads
     device = query.device
-    if query_rows is None:
-        query_rows = torch.arange(n_queries, device=device)
-    if query_rows.dim() not in (1, 2) or (query_rows.dim() == 2 and query_rows.shape[0] != batch):
-        raise ValueError(f"query rows must be [S] or [batch, S]; got {tuple(query_rows.shape)}")
-    query_rows = query_rows.to(device=device, dtype=torch.long).expand(batch, -1)
-    if query_rows.numel() and (query_rows.min() < 0 or query_rows.max() >= n_queries):
-        raise ValueError(f"query rows must lie in [0, {n_queries}); got values outside that range")
+    query_rows = batch_query_rows(query_rows, batch, n_queries, device)
     keys32 = key.float().unsqueeze(2)  # [B, Hkv, 1, N, D]
     key_pos = torch.arange(n_keys, device=device)
     grouped = query.unflatten(1, (kv_heads, group))  # [B, Hkv, G, Nq, D], a view
