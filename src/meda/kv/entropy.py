@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from meda.kv.kernels import fused_available
-from meda.kv.scoring import _masked_logits, batch_query_rows, check_attention_inputs
+from meda.kv.scoring import batch_query_rows, check_attention_inputs, masked_logits
 
 
 def cross_modal_entropy(
@@ -143,7 +143,7 @@ def _block_entropy_sums(
         visible = visible[..., :width]  # [B, c, w]
         index = part[:, None, None, :, None].expand(-1, kv_heads, grouped.shape[2], -1, dim)
         q = grouped.gather(3, index).float()  # [B, Hkv, G, c, D]
-        logits = _masked_logits(q * scaling, keys32[..., :width, :], visible, softcap)
+        logits = masked_logits(q * scaling, keys32[..., :width, :], visible, softcap)
         log_probs = torch.log_softmax(logits, dim=-1)
         del logits  # peak memory: two chunk-sized tensors
         row_entropy = _entropy_rows(log_probs, ~visible[:, None, None])  # [B, c]

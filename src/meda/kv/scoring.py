@@ -103,10 +103,10 @@ def causal_logit_chunks(
         query_valid = valid.gather(1, positions)  # [B, c]
         visible = (key_pos <= positions[..., None]) & valid[:, None, :] & query_valid[..., None]
         # Built inside the yield so this frame keeps no reference: the caller may free it or edit it in place.
-        yield positions, _masked_logits(q * scaling, keys32, visible, softcap), visible
+        yield positions, masked_logits(q * scaling, keys32, visible, softcap), visible
 
 
-def _masked_logits(scaled_query: Tensor, keys: Tensor, visible: Tensor, softcap: float | None) -> Tensor:
+def masked_logits(scaled_query: Tensor, keys: Tensor, visible: Tensor, softcap: float | None) -> Tensor:
     """``[B, Hkv, G, c, N]`` logits (soft-capped when ``softcap``) with ``-inf`` where ``visible [B, c, N]``
     is False."""
     logits = torch.matmul(scaled_query, keys.transpose(-1, -2))
