@@ -125,9 +125,9 @@ def count_list_question(item: str) -> str:
 
 
 def _count_list_pool(sample: Sample) -> list[QA]:
-    """Training only (``BatchOptions.count_list``): for every item in 2 to ``count_range``'s top of the images,
-    which images they are
-    (``"3, 17, 40"``), so that a count sample also trains finding each match, not only their sum."""
+    """Training only (``BatchOptions.count_list``): for every item in 2 up to the top of the sample's
+    ``count_range`` of the images, which images they are (``"3, 17, 40"``), so that a count sample also trains
+    finding each match, not only their sum."""
     names = sample.meta["items"]
     where: dict[str, list[int]] = {}
     for i, name in enumerate(names):
