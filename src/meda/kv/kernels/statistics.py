@@ -12,20 +12,14 @@ import torch
 from torch import Tensor
 
 from meda.kv.kernels import attention_stats
+from meda.kv.scoring import batch_query_rows
 
 
 def query_rows(query: Tensor, subset: Tensor | None) -> Tensor:
     """``LongTensor [B, S]`` of evaluated query rows, ascending per batch row (all rows when ``subset`` is
     None). Sorting changes nothing the statistics report: both are sums over rows."""
-    batch, n_queries = query.shape[0], query.shape[2]
-    if subset is None:
-        return torch.arange(n_queries, device=query.device).expand(batch, -1)
-    if subset.dim() not in (1, 2) or (subset.dim() == 2 and subset.shape[0] != batch):
-        raise ValueError(f"query rows must be [S] or [batch, S]; got {tuple(subset.shape)}")
-    rows = subset.to(device=query.device, dtype=torch.long).expand(batch, -1)
-    if rows.numel() and (rows.min() < 0 or rows.max() >= n_queries):
-        raise ValueError(f"query rows must lie in [0, {n_queries}); got values outside that range")
-    return rows.sort(dim=-1).values
+    rows = batch_query_rows(subset, query.shape[0], query.shape[2], query.device)
+    return rows if subset is None else rows.sort(dim=-1).values
 
 
 def cumulative_scores(
