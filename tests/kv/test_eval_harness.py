@@ -193,6 +193,8 @@ def test_evaluate_writes_the_contract(tmp_path: Path) -> None:
     assert set(cells) == {("toy", "full", 1.0)} | {("toy", m, b) for m in ("snapkv", "meda:tau=4") for b in (0.2, 1.0)}
     for run in saved["runs"]:
         assert set(run) >= {"task", "method", "budget", "accuracy", "samples", "fidelity"} and run["samples"] == 2
+        low, high = run["accuracy_interval"]  # exact-match scores: a 95% interval around the accuracy
+        assert low <= run["accuracy"] <= high
     full = cells[("toy", "full", 1.0)]
     for method in ("snapkv", "meda:tau=4"):  # budget 1.0 keeps everything: the reference's answers exactly
         exact = cells[("toy", method, 1.0)]

@@ -3,10 +3,10 @@
 For every sample (task, size, seed) the full cache answers once (:func:`~meda.kv.eval.fidelity.reference_run`);
 every (method, budget) then answers from a compressed cache and is compared with it
 (:func:`~meda.kv.eval.fidelity.compressed_run`). A cell (task, method, budget) aggregates its samples:
-``accuracy`` (mean task score), ``samples``, ``fidelity`` (mean ``token_agreement`` and ``kl`` over all
-compared continuation positions, mean ``greedy_prefix`` over samples), the per-size accuracy, the mean
-kept fraction and prompt length. ``results.json`` is rewritten after every sample, so an interrupted
-run leaves every finished sample on disk.
+``accuracy`` (mean task score), ``accuracy_interval`` (its 95% Wilson interval where scores are 0/1),
+``samples``, ``fidelity`` (mean ``token_agreement`` and ``kl`` over all compared continuation positions,
+mean ``greedy_prefix`` over samples), the per-size accuracy, the mean kept fraction and prompt length.
+``results.json`` is rewritten after every sample, so an interrupted run leaves every finished sample on disk.
 
 Method specs are ``name`` or ``name:option=value,option=value`` (recipe overrides, e.g.
 ``meda:tau=4,merge=none``); the spec string is the row's ``method``.
@@ -24,6 +24,7 @@ import torch
 
 from meda.kv.eval.fidelity import compressed_run, reference_run
 from meda.kv.eval.inputs import eos_ids, sample_inputs
+from meda.kv.eval.intervals import accuracy_interval
 from meda.kv.eval.milebench import PREFIX, load_milebench
 from meda.kv.eval.tasks import TaskSpec, get_task
 from meda.kv.groups import vision_token_ids
@@ -112,6 +113,7 @@ class Cell:
             "method": method,
             "budget": budget,
             "accuracy": mean(self.scores),
+            "accuracy_interval": accuracy_interval(self.scores),
             "samples": len(self.scores),
             "fidelity": fidelity,
             "accuracy_by_size": {str(k): mean(v) for k, v in sorted(self.by_size.items())},

@@ -8,7 +8,9 @@ those samples would have written:
 * every cell mean (accuracy, greedy prefix, kept fraction, prompt tokens) is a mean over samples, so
   shards are weighted by their samples (per size: by the samples of that size);
 * token agreement and KL are means over compared positions, so shards are weighted by their positions;
-* seconds add up.
+* seconds add up;
+* the accuracy's 95% interval is recomputed from the merged right answers where every shard's scores were
+  0/1 (shards written before intervals were recorded, or with graded scores, leave it ``None``).
 
 Shards must come from the same model, and two shards holding the same (task, method, budget) cell must
 cover disjoint seeds (read from each payload's ``config`` and the cell's sample count): a sample counted
@@ -20,6 +22,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from typing import Any
+
+from meda.kv.eval.intervals import wilson_interval
 
 Key = tuple[str, str, Any]
 
@@ -58,12 +62,16 @@ def _merge_cell(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "greedy_prefix": by_samples(lambda r: r["fidelity"]["greedy_prefix"]),
             "positions": sum(r["fidelity"].get("positions", 0) for r in parts),
         }
+    accuracy = by_samples(lambda r: r["accuracy"])
+    samples = sum(r["samples"] for r in parts)
+    exact = accuracy is not None and all(r.get("accuracy_interval") for r in parts)
     return {
         "task": first["task"],
         "method": first["method"],
         "budget": first["budget"],
-        "accuracy": by_samples(lambda r: r["accuracy"]),
-        "samples": sum(r["samples"] for r in parts),
+        "accuracy": accuracy,
+        "accuracy_interval": list(wilson_interval(round(accuracy * samples), samples)) if exact else None,
+        "samples": samples,
         "fidelity": fidelity,
         "accuracy_by_size": {
             size: _weighted(parts, lambda r, size=size: (r.get("accuracy_by_size") or {}).get(size), _samples_per_size)

@@ -6,6 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from meda.kv.eval.intervals import wilson_interval
+
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -16,9 +18,27 @@ def _fewer(run: dict[str, Any], samples: int) -> str:
     return f" n={run['samples']}" if run["samples"] < samples else ""
 
 
+def _interval(run: dict[str, Any]) -> str:
+    """`` [low, high]``: the cell's 95% accuracy interval, where it has one (exact-match scores)."""
+    interval = run.get("accuracy_interval")
+    return f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+
+
+def _resolution(samples: int) -> str:
+    """What ``samples`` per cell can tell apart: one answer's weight and the 95% intervals at the top."""
+    all_right, one_wrong = wilson_interval(samples, samples), wilson_interval(samples - 1, samples)
+    plural = "s" if samples > 1 else ""
+    return (
+        f"With {samples} sample{plural} one answer is {1 / samples:.3f} of a cell; 95% intervals (Wilson): all right "
+        f"[{all_right[0]:.2f}, 1.00], one wrong [{one_wrong[0]:.2f}, {one_wrong[1]:.2f}]."
+    )
+
+
 def markdown_table(payload: dict[str, Any]) -> str:
     """One markdown table per task: a row per method, a column per budget, each cell
-    ``accuracy (token agreement / KL)``; the full cache is the reference row."""
+    ``accuracy (token agreement / KL)``; the full cache is the reference row, with its accuracy's 95%
+    interval where the scores are exact matches, and a line under each table says how far one sample moves
+    a cell."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in payload["runs"]:
         by_task[run["task"]].append(run)
@@ -41,7 +61,7 @@ def markdown_table(payload: dict[str, Any]) -> str:
         ]
         full = [r for r in runs if r["method"] == "full"]
         if full:
-            cell = f"{_fmt(full[0]['accuracy'])}{_fewer(full[0], samples)}"
+            cell = f"{_fmt(full[0]['accuracy'])}{_interval(full[0])}{_fewer(full[0], samples)}"
             lines.append(f"| full (budget 1.0) | {cell} |" + " |" * (len(budgets) - 1))
         methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "full"))
         for method in methods:
@@ -51,11 +71,14 @@ def markdown_table(payload: dict[str, Any]) -> str:
                 r = cells.get(b)
                 fid = r["fidelity"] if r else {}
                 shown.append(
-                    "-" if r is None else f"{_fmt(r['accuracy'])} ({_fmt(fid.get('token_agreement'), 2)} / "
+                    "-"
+                    if r is None
+                    else f"{_fmt(r['accuracy'])} ({_fmt(fid.get('token_agreement'), 2)} / "
                     f"{_fmt(fid.get('kl'), 2)}){_fewer(r, samples)}"
                 )
             lines.append(f"| {method} | " + " | ".join(shown) + " |")
-        lines += ["", *_by_size(runs)]
+        exact = all(r.get("accuracy_interval") for r in runs)
+        lines += ["", *([_resolution(samples), ""] if exact else []), *_by_size(runs)]
     return "\n".join(lines)
 
 
@@ -78,7 +101,8 @@ def _by_size(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def plot_accuracy(payload: dict[str, Any], out: Path) -> list[Path]:
-    """``out/accuracy_{task}.png``: accuracy vs budget, a line per method, the full cache dashed."""
+    """``out/accuracy_{task}.png``: accuracy vs budget, a line per method, the full cache dashed (its 95%
+    interval shaded where it has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +117,8 @@ def plot_accuracy(payload: dict[str, Any], out: Path) -> list[Path]:
         for run in runs:
             if run["method"] == "full":
                 ax.axhline(run["accuracy"], color="black", linestyle="--", label="full cache")
+                if interval := run.get("accuracy_interval"):
+                    ax.axhspan(*interval, color="black", alpha=0.08, label="full cache, 95% interval")
         for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "full"):
             points = sorted((r["budget"], r["accuracy"]) for r in runs if r["method"] == method)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
