@@ -334,6 +334,11 @@ def test_training_script_checkpoints_and_resumes(tokenizer_dir: Path, tmp_path: 
     assert start["large_share"] == 0.0 and start["large_after"] == 0 and start["count_list"] is False
     assert start["count_balance"] is False and start["compile"] is False and start["shuffle_labels"] == 0.0
     assert start["count_max"] == 6
+    train.main([*common, "--max-steps", "2", "--resume", "--eval-samples", "1"])  # no step left: evaluates only
+    record = json.loads((tmp_path / "accuracy.json").read_text())
+    assert record["images"] == 3 and record["samples"] == 1 and set(record["interval"]) == set(record["accuracy"])
+    for task, (low, high) in record["interval"].items():  # one exact-match sample: [0, 0.79] or [0.21, 1]
+        assert low <= record["accuracy"][task] <= high and high - low == pytest.approx(0.7935, abs=1e-3)
     for flag, value, message in [("--large-share", "1.5", "--large-share must be between 0 and 1"),
                                  ("--large-after", "-3", "--large-after must be a step number"),
                                  ("--shuffle-labels", "2", "--shuffle-labels must be between 0 and 1"),
