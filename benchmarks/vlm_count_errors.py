@@ -12,6 +12,9 @@ table of (answer - truth).
 ``--summarise`` re-reads answer files written by ``--json`` and prints, per file and size, the accuracy and the
 mean signed error (answer - truth; an answer that is not a number counts as 0 there and is counted apart): a
 drift from over- to under-counting as the images grow is the sign that matches are diluted among more tokens.
+It also regenerates each sample (no model) and counts its *half matches*, the other images that share the
+target's colour or its kind but not both, for the right and the wrong answers apart: an over-count that comes
+from half matches shows as more of them behind the wrong answers than behind the right ones of the same size.
 
 ``--half-match S`` draws that share of the other images among the items with the target's colour or its kind
 (not both): hard negatives. The evaluation task (0) draws them uniformly, about 17% of them such items.
@@ -43,8 +46,9 @@ def main() -> None:
     args = p.parse_args()
     if args.summarise:
         for path in args.summarise:
-            rows = json.loads(path.read_text())["rows"]
-            print(f"{path.name}: {summary(rows)}\n  {by_truth(rows)}")
+            payload = json.loads(path.read_text())
+            rows, half_match = payload["rows"], payload.get("half_match", 0.0)  # files before --half-match: 0
+            print(f"{path.name}: {summary(rows)}\n  {by_truth(rows)}\n  {by_half_matches(rows, half_match)}")
         return
 
     model, processor = load_model(args.model, device=args.device)
@@ -97,6 +101,25 @@ def by_truth(rows: list[dict]) -> str:
         right_total[0] += bool(r["correct"])
         right_total[1] += 1
     return "right by true count: " + ", ".join(f"{k}: {r}/{n}" for k, (r, n) in sorted(tally.items()))
+
+
+def half_matches(seed: int, size: int, half_match: float = 0.0) -> int:
+    """Images of the mm-count sample (``seed``, ``size``) that show the target's colour or its kind, not both."""
+    sample = make_count(seed, size, half_match)
+    colour, kind = sample.meta["render"][sample.meta["items"].index(sample.meta["target"])][0]
+    return sum(1 for item, *_ in sample.meta["render"] if item and ((item[0] == colour) != (item[1] == kind)))
+
+
+def by_half_matches(rows: list[dict], half_match: float = 0.0) -> str:
+    """One line: per size, the half matches behind each right and each wrong answer (sorted)."""
+    parts = []
+    for size in sorted({r["size"] for r in rows}):
+        tally: dict[bool, list[int]] = {True: [], False: []}
+        for r in rows:
+            if r["size"] == size:
+                tally[bool(r["correct"])].append(half_matches(r["seed"], size, half_match))
+        parts.append(f"{size}: right {sorted(tally[True])} wrong {sorted(tally[False])}")
+    return "half matches per sample: " + "; ".join(parts)
 
 
 def _offset(row: dict) -> int | str:

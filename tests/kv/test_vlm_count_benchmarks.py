@@ -1,6 +1,6 @@
-"""benchmarks/vlm_count_attention.py, vlm_count_targets.py and vlm_needle_errors.py on the CPU: the attention
-probe against eager attention's own weights, the image masses, the count targets with and without balance, and
-the sorting of the needle's wrong answers."""
+"""benchmarks/vlm_count_attention.py, vlm_count_targets.py, vlm_needle_errors.py and vlm_count_errors.py on
+the CPU: the attention probe against eager attention's own weights, the image masses, the count targets with
+and without balance, the sorting of the needle's wrong answers and the half matches behind count answers."""
 
 from __future__ import annotations
 
@@ -73,3 +73,21 @@ def test_needle_errors_sort_wrong_answers_by_what_the_named_image_shows() -> Non
         "8 images: accuracy 0.50 (4 samples); right by needle quarter 1/1 0/1 0/0 1/2; "
         "wrong answers: {'colour': 1, 'other': 1}; place of the named image minus the needle's: {-3: 1, -1: 1}"
     )
+
+
+def test_half_matches_count_the_images_that_share_colour_or_kind_only() -> None:
+    from meda.kv.eval.tasks_mm import make_count
+
+    errors = _benchmark("vlm_count_errors")
+    for seed in range(4):
+        sample = make_count(seed, 16)
+        target = sample.meta["target"].replace("digit ", "").split(" ", 1)
+        shown = [name.replace("digit ", "").split(" ", 1) for name in sample.meta["items"]]
+        expected = sum((colour == target[0]) != (kind == target[1]) for colour, kind in shown)
+        assert errors.half_matches(seed, 16) == expected
+        # with every other image drawn as a hard negative, all of them are half matches
+        assert errors.half_matches(seed, 16, half_match=1.0) == 16 - make_count(seed, 16, 1.0).meta["count"]
+    rows = [{"size": 16, "seed": s, "correct": s % 2 == 0} for s in range(4)]
+    line = errors.by_half_matches(rows)
+    right, wrong = (sorted(errors.half_matches(s, 16) for s in seeds) for seeds in ((0, 2), (1, 3)))
+    assert line == f"half matches per sample: 16: right {right} wrong {wrong}"
