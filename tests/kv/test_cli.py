@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -194,3 +195,26 @@ def test_demo_needle_has_an_answer_that_reads_the_compressed_cache() -> None:
 
     sample = demo_needle(get_task("mm-needle"))
     assert len(sample.images) == VLM_DEMO_IMAGES and len(sample.answer) == 2 and sample.answer.isdigit()
+
+
+def test_build_inputs_takes_pil_images_as_it_takes_files(tmp_path) -> None:
+    from checkpoints import save_tiny_llava
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from meda.kv.prompting import build_inputs
+
+    tiny = save_tiny_llava(tmp_path / "llava")
+    processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    side = tiny.model.config.vision_config.image_size
+    frame = Image.new("L", (side, side), 90)  # a grey video frame, not RGB: converted like a file would be
+    frame.save(tmp_path / "frame.png")
+    from_file = build_inputs(processor, "t3 t4 t5", images=[tmp_path / "frame.png"])
+    from_pil = build_inputs(processor, "t3 t4 t5", images=[frame])
+    assert from_file.keys() == from_pil.keys()
+    for key in from_file:
+        assert torch.equal(from_file[key], from_pil[key]), key
+    with pytest.raises(TypeError, match="a file path or a PIL image, got ndarray"):
+        build_inputs(processor, "t3", images=[np.zeros((side, side, 3), dtype=np.uint8)])
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        build_inputs(processor, "t3", images=[tmp_path / "missing.png"])

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 
-def build_inputs(processor, prompt: str, images: list[Path] | None = None, device=None) -> dict[str, torch.Tensor]:
+def build_inputs(
+    processor, prompt: str, images: Sequence[str | Path | Image.Image] | None = None, device=None
+) -> dict[str, torch.Tensor]:
     """Chat-formatted inputs for one user turn.
 
-    ``processor`` is a tokenizer (text models) or a multimodal processor (VLMs). Images
-    are placed before the text, one ``{"type": "image"}`` entry each, so the processor
-    expands each into the model's own number of image tokens.
+    ``processor`` is a tokenizer (text models) or a multimodal processor (VLMs). ``images`` are files or PIL
+    images (video frames already decoded, for example); they are placed before the text, one
+    ``{"type": "image"}`` entry each, so the processor expands each into the model's own number of image tokens.
     """
     images = images or []
     if images and not hasattr(processor, "image_processor"):
@@ -35,10 +39,13 @@ def build_inputs(processor, prompt: str, images: list[Path] | None = None, devic
     return {k: v.to(device) if device is not None and hasattr(v, "to") else v for k, v in enc.items()}
 
 
-def _open_image(path: Path):
-    from PIL import Image
-
-    path = Path(path)
+def _open_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB PIL image from a file path or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if not isinstance(image, str | Path):
+        raise TypeError(f"an image must be a file path or a PIL image, got {type(image).__name__}")
+    path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     return Image.open(path).convert("RGB")
