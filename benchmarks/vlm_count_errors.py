@@ -1,8 +1,11 @@
 """Where a VLM miscounts on mm-count: its full-cache answer against the truth, per size and per error.
 
 Answers every held-out mm-count sample (seeds ``--seed`` .. ``--seed + --samples - 1`` at each size) with the
-full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size, right answers per true count and a
-table of (answer - truth).
+full cache, greedy, as ``meda kv eval`` does, and prints accuracy per size, right answers per true count, a
+table of (answer - truth) and the probability the model gives the true count (the softmax of the answer's
+first token over the vocabulary, recorded per sample with the counts 1-9 as ``probs``): a smoother measure than
+exact match, so that two runs' counting can be compared on fewer samples, and a way to tell a confident
+miscount from a near miss.
 
     python benchmarks/vlm_count_errors.py --sizes 8,16,32,64 --samples 12 --json docs/results/vlm_count_errors_cpu.json
     python benchmarks/vlm_count_errors.py --model runs/vlm/checkpoint --device cuda     # a training run's weights
@@ -27,7 +30,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from meda.kv.eval.fidelity import full_cache_answer
+from meda.kv.eval.fidelity import full_cache_reference
 from meda.kv.eval.harness import resolve_tasks
 from meda.kv.eval.tasks_mm import make_count
 from meda.kv.models import load_model
@@ -49,15 +52,19 @@ def main() -> None:
             payload = json.loads(path.read_text())
             rows, half_match = payload["rows"], payload.get("half_match", 0.0)  # files before --half-match: 0
             print(f"{path.name}: {summary(rows)}\n  {by_truth(rows)}\n  {by_half_matches(rows, half_match)}")
+            if line := by_probability(rows):
+                print(f"  {line}")
         return
 
     model, processor = load_model(args.model, device=args.device)
     task = resolve_tasks(["mm-count"])[0]
+    digits = digit_token_ids(getattr(processor, "tokenizer", processor))
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         for seed in range(args.seed, args.seed + args.samples):
             sample = make_count(seed, size, args.half_match)
-            answer = full_cache_answer(model, processor, sample, task.max_new_tokens, args.device)
+            answer, reference = full_cache_reference(model, processor, sample, task.max_new_tokens, args.device)
+            first = reference.log_probs[0].exp()  # the answer's first token: the count's digit
             rows.append(
                 {
                     "size": size,
@@ -65,11 +72,13 @@ def main() -> None:
                     "truth": sample.answer,
                     "answer": answer,
                     "correct": bool(task.score(answer, sample)),
+                    "probs": {d: round(float(first[i]), 4) for d, i in digits.items()},
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
     print(summary(rows))
     print(by_truth(rows))
+    print(by_probability(rows))
     offsets = Counter(_offset(r) for r in rows)
     print("answer - truth:", ", ".join(f"{k}: {v}" for k, v in sorted(offsets.items(), key=lambda kv: str(kv[0]))))
     if args.json:
@@ -101,6 +110,35 @@ def by_truth(rows: list[dict]) -> str:
         right_total[0] += bool(r["correct"])
         right_total[1] += 1
     return "right by true count: " + ", ".join(f"{k}: {r}/{n}" for k, (r, n) in sorted(tally.items()))
+
+
+def digit_token_ids(tokenizer) -> dict[str, int]:
+    """Token id of each count ``"1"``..``"9"`` as the answer's first token (one token each).
+
+    Raises:
+        ValueError: a tokenizer that splits a digit into several tokens or merges it with a space.
+    """
+    ids = {}
+    for digit in "123456789":
+        encoded = tokenizer.encode(digit, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise ValueError(f"the tokenizer encodes {digit!r} as {len(encoded)} tokens; a count needs one")
+        ids[digit] = encoded[0]
+    return ids
+
+
+def by_probability(rows: list[dict]) -> str:
+    """One line: per size, the mean probability the model gives the true count (its first answer token) and
+    the mean mass on the counts one away from it; files written before ``probs`` was recorded give ''."""
+    if not all("probs" in r for r in rows):
+        return ""
+    parts = []
+    for size in sorted({r["size"] for r in rows}):
+        of_size = [r for r in rows if r["size"] == size]
+        truth = [r["probs"].get(r["truth"], 0.0) for r in of_size]
+        near = [sum(r["probs"].get(str(int(r["truth"]) + d), 0.0) for d in (-1, 1)) for r in of_size]
+        parts.append(f"{size}: {sum(truth) / len(truth):.2f} (one away {sum(near) / len(near):.2f})")
+    return "probability of the true count: " + "; ".join(parts)
 
 
 def half_matches(seed: int, size: int, half_match: float = 0.0) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +24,15 @@ def test_recorded_last_row_equals_eager_attention_weights_and_leaves_the_output_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     probe = _benchmark("vlm_count_attention")
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (1, 11))
@@ -66,9 +74,19 @@ def test_needle_errors_sort_wrong_answers_by_what_the_named_image_shows() -> Non
     assert needle.kind_of_error("4", 1, items, "blue digit 7") == "kind"  # a digit's kind is its numeral
     for answer in ("5", "9", "Image", ""):  # an empty frame, no such image, no number
         assert needle.kind_of_error(answer, 1, items, "red star") == "not an image"
-    rows = [{"size": 8, "position": t, "truth": t, "answer": a, "error": e, "answered_place": int(a),
-             "shuffled": False, "gives_place": False}
-            for t, a, e in [(1, "1", "right"), (3, "2", "colour"), (8, "8", "right"), (7, "4", "other")]]
+    rows = [
+        {
+            "size": 8,
+            "position": t,
+            "truth": t,
+            "answer": a,
+            "error": e,
+            "answered_place": int(a),
+            "shuffled": False,
+            "gives_place": False,
+        }
+        for t, a, e in [(1, "1", "right"), (3, "2", "colour"), (8, "8", "right"), (7, "4", "other")]
+    ]
     assert needle.summary(rows) == (
         "8 images: accuracy 0.50 (4 samples); right by needle quarter 1/1 0/1 0/0 1/2; "
         "wrong answers: {'colour': 1, 'other': 1}; place of the named image minus the needle's: {-3: 1, -1: 1}"
@@ -91,3 +109,29 @@ def test_half_matches_count_the_images_that_share_colour_or_kind_only() -> None:
     line = errors.by_half_matches(rows)
     right, wrong = (sorted(errors.half_matches(s, 16) for s in seeds) for seeds in ((0, 2), (1, 3)))
     assert line == f"half matches per sample: 16: right {right} wrong {wrong}"
+
+
+def test_count_probability_lines_and_digit_tokens() -> None:
+    errors = _benchmark("vlm_count_errors")
+    rows = [
+        {"size": 8, "truth": "3", "probs": {"2": 0.1, "3": 0.8, "4": 0.1}},
+        {"size": 8, "truth": "1", "probs": {"1": 0.4, "2": 0.5}},  # no "0" among the counts: nothing below 1
+        {"size": 64, "truth": "6", "probs": {"5": 0.3, "6": 0.2, "7": 0.5}},
+    ]
+    assert errors.by_probability(rows) == (
+        "probability of the true count: 8: 0.60 (one away 0.35); 64: 0.20 (one away 0.80)"
+    )
+    assert errors.by_probability([{"size": 8, "truth": "3"}]) == ""  # a file written before probs were recorded
+
+    class Digits:  # one token per digit, as SmolLM2's tokenizer splits numbers
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [100 + int(ch) for ch in text]
+
+    assert errors.digit_token_ids(Digits()) == {str(d): 100 + d for d in range(1, 10)}
+
+    class Words:
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [1, 2]
+
+    with pytest.raises(ValueError, match="encodes '1' as 2 tokens"):
+        errors.digit_token_ids(Words())

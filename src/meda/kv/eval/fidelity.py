@@ -115,10 +115,17 @@ def reference_run(model: torch.nn.Module, inputs: dict[str, Tensor], new_tokens:
 def full_cache_answer(model: torch.nn.Module, processor: Any, sample: Any, new_tokens: int, device: Any) -> str:
     """The full cache's greedy answer to a task ``sample``, decoded and stripped as ``meda kv eval`` scores it
     (for diagnostics that need the answer alone: ``benchmarks/vlm_count_errors.py``, ``vlm_needle_errors.py``)."""
+    return full_cache_reference(model, processor, sample, new_tokens, device)[0]
+
+
+def full_cache_reference(
+    model: torch.nn.Module, processor: Any, sample: Any, new_tokens: int, device: Any
+) -> tuple[str, Reference]:
+    """:func:`full_cache_answer` with the :class:`Reference` behind it (its tokens and their distributions)."""
     inputs = sample_inputs(processor, sample, device=device)
     with torch.inference_mode():
         ref = reference_run(model, inputs, new_tokens, eos_ids(model, processor))
-    return getattr(processor, "tokenizer", processor).decode(ref.tokens, skip_special_tokens=True).strip()
+    return getattr(processor, "tokenizer", processor).decode(ref.tokens, skip_special_tokens=True).strip(), ref
 
 
 def compressed_run(
